@@ -377,6 +377,7 @@ def test_resolve_class_order_names_lists_and_errors():
     classes = ["n1", "n2", "n3"]
     assert resolve_class_order("icarl", 100) == icarl_class_order(100)
     assert resolve_class_order("identity", classes) == [0, 1, 2]
+    assert resolve_class_order("sorted", 3) == [0, 1, 2]
     assert resolve_class_order([2, 0, 1], classes) == [2, 0, 1]
     assert resolve_class_order(["n3", "n1", "n2"], classes) == [2, 0, 1]
     with pytest.raises(ConfigError, match=r"permutation of 0..2 .* missing \[2\], repeated \[0\]"):

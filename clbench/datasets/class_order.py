@@ -36,7 +36,7 @@ def icarl_class_order(num_classes: int, seed: int = ICARL_SEED) -> list[int]:
     return np.random.RandomState(seed).permutation(num_classes).tolist()
 
 
-@CLASS_ORDERS.register("identity")
+@CLASS_ORDERS.register("identity", "sorted")
 def identity_class_order(num_classes: int, seed: int = ICARL_SEED) -> list[int]:
     """The dataset's own order 0..C-1 (an unshuffled benchmark, e.g. VTAB in CL-LoRA)."""
     return list(range(num_classes))
