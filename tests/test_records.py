@@ -1,0 +1,346 @@
+"""Run records: derived metrics on hand-computed matrices, validation, loading, atomic writes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from clbench.records import (
+    SCHEMA_VERSION,
+    RunRecord,
+    derived_metrics,
+    load_records,
+    read_record,
+    validate_record,
+    write_json_atomic,
+)
+
+# Rows: after training exp i; columns: evaluated on exp j.
+MATRIX3 = [
+    [0.9, None, None],
+    [0.6, 0.8, None],
+    [0.5, 0.7, 0.85],
+]
+SEEN3 = [0.9, 0.7, 0.68]
+
+
+def make_record(
+    benchmark: str = "digits",
+    strategy: str = "er",
+    seed: int = 0,
+    matrix: list | None = None,
+    seen: list | None = None,
+    **costs,
+) -> dict:
+    """A valid schema-1 record; tests mutate copies of it."""
+    matrix = copy.deepcopy(MATRIX3 if matrix is None else matrix)
+    seen = list(SEEN3 if seen is None else seen)
+    T = len(matrix)
+    memory = {
+        "buffer_bytes": 6_000_000,
+        "model_copies_bytes": 0,
+        "exemplars": 200,
+        "mean_bpp": 24.0,
+    }
+    memory.update(costs.pop("memory", {}))
+    c = {
+        "wall_time_s": 12.5,
+        "train_time_s": [1.0] * T,
+        "eval_time_s": [0.1] * T,
+        "train_images_per_s": 1000.0,
+        "trainable_params": 11_000,
+        "memory_bytes": memory["buffer_bytes"] + memory["model_copies_bytes"],
+        "memory": memory,
+        "peak_rss_bytes": 300_000_000,
+    }
+    c.update(costs)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": f"{benchmark}__{strategy}__s{seed}",
+        "benchmark": benchmark,
+        "strategy": strategy,
+        "seed": seed,
+        "status": "complete",
+        "config": {"benchmark": benchmark, "strategy": {"name": strategy}, "seed": seed},
+        "class_order": list(range(2 * T)),
+        "experiences": [[2 * k, 2 * k + 1] for k in range(T)],
+        "metrics": {
+            "accuracy_matrix": matrix,
+            "accuracy_seen": seen,
+            **derived_metrics(matrix, seen),
+        },
+        "costs": c,
+        "provenance": {
+            "clbench_version": "0.1.0",
+            "git_commit": "0123456789abcdef0123456789abcdef01234567",
+            "git_dirty": False,
+            "packages": {"torch": "2.14.1"},
+            "device": "cpu",
+            "threads": 2,
+            "command": f"clbench run {benchmark} --strategy {strategy} --seed {seed}",
+            "started_at": "2026-11-24T07:00:00+00:00",
+            "finished_at": "2026-11-24T07:01:00+00:00",
+            "hostname": "host",
+            "python": "3.11.7",
+            "platform": "Linux",
+        },
+    }
+
+
+# ----------------------------------------------------------------- derived metrics
+
+
+def test_derived_metrics_hand_computed():
+    m = derived_metrics(MATRIX3, SEEN3)
+    # Ā = (0.9 + 0.7 + 0.68) / 3 = 0.76
+    assert m["avg_incremental_accuracy"] == pytest.approx(0.76)
+    assert m["last_accuracy"] == pytest.approx(0.68)
+    # forgetting: j=0: max(0.9, 0.6) - 0.5 = 0.4; j=1: max(0.8) - 0.7 = 0.1; mean 0.25
+    assert m["forgetting"] == pytest.approx(0.25)
+    # bwt: j=0: 0.5 - 0.9 = -0.4; j=1: 0.7 - 0.8 = -0.1; mean -0.25
+    assert m["bwt"] == pytest.approx(-0.25)
+
+
+def test_forgetting_uses_max_over_earlier_rows_not_the_diagonal():
+    # Exp 0 improves after exp 1 (backward transfer) before dropping: forgetting counts the
+    # drop from the best earlier value (0.95), BWT from the diagonal (0.6).
+    matrix = [
+        [0.6, None, None],
+        [0.95, 0.8, None],
+        [0.5, 0.9, 0.7],
+    ]
+    m = derived_metrics(matrix, [0.6, 0.9, 0.7])
+    # forgetting: j=0: 0.95 - 0.5 = 0.45; j=1: 0.8 - 0.9 = -0.1; mean 0.175
+    assert m["forgetting"] == pytest.approx(0.175)
+    # bwt: j=0: 0.5 - 0.6 = -0.1; j=1: 0.9 - 0.8 = 0.1; mean 0.0
+    assert m["bwt"] == pytest.approx(0.0)
+    assert m["avg_incremental_accuracy"] == pytest.approx(2.2 / 3)
+
+
+def test_derived_metrics_single_experience():
+    m = derived_metrics([[0.42]], [0.42])
+    assert m == {
+        "avg_incremental_accuracy": 0.42,
+        "last_accuracy": 0.42,
+        "forgetting": 0.0,
+        "bwt": 0.0,
+    }
+
+
+def test_derived_metrics_two_experiences():
+    m = derived_metrics([[1.0, None], [0.25, 0.75]], [1.0, 0.5])
+    assert m["avg_incremental_accuracy"] == pytest.approx(0.75)
+    assert m["forgetting"] == pytest.approx(0.75)
+    assert m["bwt"] == pytest.approx(-0.75)
+
+
+def test_derived_metrics_of_a_partial_run():
+    # The runner records after each experience: k rows of the full width T (here 2 of 3).
+    partial = [row[:] for row in MATRIX3[:2]]
+    assert derived_metrics(partial, SEEN3[:2]) == derived_metrics(
+        [[0.9, None], [0.6, 0.8]], SEEN3[:2]
+    )
+    assert derived_metrics(partial, SEEN3[:2])["forgetting"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    "matrix, seen",
+    [
+        ([], []),
+        ([[0.5], [0.5]], [0.5, 0.5]),  # more rows than columns
+        ([[0.5, None], [0.5]], [0.5, 0.5]),  # ragged
+        ([[0.5, None], [None, 0.5]], [0.5, 0.5]),  # null below the diagonal
+        ([[0.5]], [0.5, 0.5]),  # seen length
+    ],
+)
+def test_derived_metrics_rejects_bad_shapes(matrix, seen):
+    with pytest.raises(ValueError):
+        derived_metrics(matrix, seen)
+
+
+# ----------------------------------------------------------------- validation
+
+
+def test_valid_record_has_no_problems():
+    assert validate_record(make_record()) == []
+    # JSON round trip keeps it valid.
+    assert validate_record(json.loads(json.dumps(make_record()))) == []
+
+
+def test_optional_replay_fields_may_be_null_or_absent():
+    d = make_record(memory={"exemplars": None, "mean_bpp": None})
+    assert validate_record(d) == []
+    del d["costs"]["memory"]["exemplars"], d["costs"]["memory"]["mean_bpp"]
+    assert validate_record(d) == []
+
+
+def _mutated(path: str, value=..., delete: bool = False) -> dict:
+    d = make_record()
+    *parents, last = path.split(".")
+    node = d
+    for k in parents:
+        node = node[k]
+    if delete:
+        del node[last]
+    else:
+        node[last] = value
+    return d
+
+
+@pytest.mark.parametrize(
+    "path, value, delete, expected",
+    [
+        ("schema_version", 2, False, "schema_version is 2"),
+        ("schema_version", None, True, "missing key schema_version"),
+        ("metrics", None, True, "missing key metrics"),
+        ("metrics.accuracy_matrix", None, True, "missing key metrics.accuracy_matrix"),
+        ("metrics.last_accuracy", float("nan"), False, "metrics.last_accuracy is nan"),
+        ("metrics.forgetting", 0.9, False, "metrics.forgetting = 0.9 disagrees"),
+        ("metrics.accuracy_seen", [0.9, 0.7], False, "accuracy_seen has 2 entries"),
+        ("metrics.accuracy_seen", [0.9, 0.7, 0.95], False, "accuracy_seen[2] = 0.95 is outside"),
+        ("seed", "0", False, "seed is str, expected an integer"),
+        ("seed", True, False, "seed is bool"),
+        ("status", "done", False, "status is str, expected 'complete' or 'partial'"),
+        ("run_id", "other", False, "run_id 'other' does not match 'digits__er__s0'"),
+        ("costs.memory_bytes", -1, False, "costs.memory_bytes is int, expected a non-negative"),
+        ("costs.wall_time_s", float("inf"), False, "costs.wall_time_s is inf"),
+        ("costs.memory.buffer_bytes", None, True, "missing key costs.memory.buffer_bytes"),
+        ("costs.memory.mean_bpp", "x", False, "costs.memory.mean_bpp is str"),
+        ("provenance.command", None, True, "missing key provenance.command"),
+        ("provenance.git_commit", 5, False, "provenance.git_commit is int"),
+        ("experiences", [[0, 1]], False, "3 rows but there are 1 experiences"),
+    ],
+)
+def test_validation_names_the_problem(path, value, delete, expected):
+    problems = validate_record(_mutated(path, value, delete))
+    assert any(expected in p for p in problems), problems
+
+
+def test_matrix_entries_are_checked():
+    d = make_record()
+    d["metrics"]["accuracy_matrix"][1][1] = 80.0  # a percentage, not a fraction
+    d["metrics"]["accuracy_matrix"][0][2] = 0.1  # above the diagonal
+    d["metrics"]["accuracy_matrix"][2][0] = None  # below the diagonal
+    problems = validate_record(d)
+    assert any("accuracy_matrix[1][1] is 80.0, expected a fraction" in p for p in problems)
+    assert any("accuracy_matrix[0][2] is 0.1, expected null" in p for p in problems)
+    assert any("accuracy_matrix[2][0] is null" in p for p in problems)
+
+
+def test_not_an_object():
+    assert validate_record([1, 2]) == ["top level is list, expected a JSON object"]
+
+
+def test_partial_record_needs_only_a_header():
+    d = make_record()
+    d["status"] = "partial"
+    del d["metrics"], d["costs"]
+    assert validate_record(d) == []
+
+
+# ----------------------------------------------------------------- loading
+
+
+def _write(runs: Path, name: str, content) -> Path:
+    runs.mkdir(parents=True, exist_ok=True)
+    p = runs / name
+    p.write_text(content if isinstance(content, str) else json.dumps(content))
+    return p
+
+
+def test_load_records_skips_bad_files_with_reasons(tmp_path):
+    runs = tmp_path / "runs"
+    good = make_record(seed=0)
+    _write(runs, "digits__er__s0.json", good)
+    _write(runs, "truncated.json", json.dumps(make_record(seed=1))[:200])
+    partial = make_record(seed=2)
+    partial["status"] = "partial"
+    _write(runs, "digits__er__s2.json", partial)
+    v2 = make_record(seed=3)
+    v2["schema_version"] = 2
+    _write(runs, "digits__er__s3.json", v2)
+    nan = json.dumps(make_record(seed=4)).replace('"last_accuracy": 0.68', '"last_accuracy": NaN')
+    _write(runs, "digits__er__s4.json", nan)
+    _write(runs, "empty.json", "")
+    (runs / "binary.json").write_bytes(b"\xff\xfe\x00")
+    _write(runs, "list.json", [1])
+    _write(runs, "dup.json", good)  # same run_id as digits__er__s0.json
+    _write(runs, ".digits__er__s9.json.abc.tmp", "{")  # a writer's leftover temp: not a record
+
+    records, skipped = load_records(tmp_path)
+    assert [r.run_id for r in records] == ["digits__er__s0"]
+    assert isinstance(records[0], RunRecord)
+    assert records[0].avg_incremental_accuracy == pytest.approx(0.76)
+    reasons = {p.name: reason for p, reason in skipped}
+    assert set(reasons) == {
+        "truncated.json", "digits__er__s2.json", "digits__er__s3.json",
+        "digits__er__s4.json", "empty.json", "binary.json", "list.json", "dup.json",
+    }  # fmt: skip
+    assert "invalid JSON" in reasons["truncated.json"]
+    assert "partial" in reasons["digits__er__s2.json"]
+    assert "schema_version is 2" in reasons["digits__er__s3.json"]
+    assert "metrics.last_accuracy is nan" in reasons["digits__er__s4.json"]
+    assert "invalid JSON" in reasons["empty.json"]
+    assert "unreadable" in reasons["binary.json"]
+    assert "top level is list" in reasons["list.json"]
+    assert "duplicate run_id 'digits__er__s0'" in reasons["dup.json"]
+
+
+def test_load_records_without_runs_dir(tmp_path):
+    assert load_records(tmp_path) == ([], [])
+
+
+def test_read_record_lists_at_most_three_problems(tmp_path):
+    d = make_record()
+    del d["config"], d["class_order"], d["experiences"], d["costs"], d["provenance"]
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps(d))
+    record, reason = read_record(p)
+    assert record is None and "(and 2 more)" in reason
+
+
+# ----------------------------------------------------------------- atomic writes
+
+
+def test_write_json_atomic_round_trip_and_no_temp_files(tmp_path):
+    p = tmp_path / "runs" / "a.json"
+    write_json_atomic(p, make_record())
+    write_json_atomic(p, {"x": 1})  # replaces
+    assert json.loads(p.read_text()) == {"x": 1}
+    assert sorted(os.listdir(p.parent)) == ["a.json"]
+    assert p.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("bad", [{"x": object()}, {"x": float("nan")}])
+def test_write_json_atomic_keeps_old_file_on_failure(tmp_path, bad):
+    p = tmp_path / "a.json"
+    write_json_atomic(p, {"old": True})
+    with pytest.raises((TypeError, ValueError)):
+        write_json_atomic(p, bad)
+    assert json.loads(p.read_text()) == {"old": True}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_write_json_atomic_removes_temp_when_rename_fails(tmp_path, monkeypatch):
+    p = tmp_path / "a.json"
+    write_json_atomic(p, {"old": True})
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        write_json_atomic(p, {"new": True})
+    assert json.loads(p.read_text()) == {"old": True}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_write_json_atomic_converts_numpy(tmp_path):
+    np = pytest.importorskip("numpy")
+    p = tmp_path / "a.json"
+    write_json_atomic(p, {"order": np.arange(3), "seed": np.int64(7), "acc": np.float32(0.5)})
+    assert json.loads(p.read_text()) == {"order": [0, 1, 2], "seed": 7, "acc": 0.5}
