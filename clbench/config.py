@@ -1,0 +1,235 @@
+"""Benchmark configuration: YAML -> validated dataclasses.
+
+A benchmark file (``benchmarks/<name>.yaml``) has the sections below. Every key is checked:
+a typo names the key and lists the valid ones. ``--set a.b=value`` overrides any key (the
+value is parsed as YAML, so ``--set train.epochs=3`` gives an int).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clbench.errors import ConfigError
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    variant: str | None = None
+    root: str | None = None  # None: --data-root, then $CLBENCH_DATA_ROOT, then ./data
+    download: bool = False  # opt-in torchvision download where the dataset allows it
+    class_range: list[int] | None = None  # [lo, hi): keep dataset classes lo..hi-1
+    image_size: int | None = None  # resize (lazy, file-based sets) / model input size
+    in_memory: bool | None = None  # decode everything once into RAM (default: small images)
+    options: dict[str, Any] = field(default_factory=dict)  # loader-specific
+
+
+@dataclass
+class ScenarioConfig:
+    split: str = "B0Inc2"  # B{base}Inc{inc}; base 0 means the first experience has inc classes
+    num_experiences: int | None = None  # optional cross-check of the split
+    class_order: str | list[int] = "icarl"  # icarl (numpy seed 1993) | sorted | explicit list
+    class_order_seed: int = 1993
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "mlp"
+    pretrained: bool = False
+    checkpoint: str | None = None  # local weights file for pretrained models
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TransformConfig:
+    augment: str = "none"  # none | crop_flip
+    crop_padding: int = 4
+    normalize: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: str = "none"  # none | cosine | multistep
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
+    amp: str = "auto"  # auto (bf16 on CPU and CUDA) | bf16 | fp16 | off
+    num_workers: int = 0
+    grad_clip: float | None = None
+    threads: int | None = None  # torch.set_num_threads; None keeps torch's default
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "digits"
+    description: str = ""
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategies: list[str] = field(default_factory=lambda: ["finetune"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # per-strategy hyper-parameter overrides of the defaults kept beside each strategy
+    strategy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown config key {where + '.' if where else ''}{key}{hint}; "
+                f"valid keys: {', '.join(fields)}"
+            )
+        ftype = fields[key].type
+        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        kwargs[key] = _build(sub, value, f"{where + '.' if where else ''}{key}") if sub else value
+    return cls(**kwargs)
+
+
+_DATACLASSES = {
+    c.__name__: c
+    for c in (DatasetConfig, ScenarioConfig, BackboneConfig, TransformConfig, TrainConfig)
+}
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """``["train.epochs=3", "strategies=[er]"]`` -> [(key, yaml value), ...]."""
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set train.epochs=3")
+        key, raw = pair.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw else None))
+    return out
+
+
+def find_benchmark(name_or_path: str) -> Path:
+    """A benchmark name (``digits``) resolves to ``benchmarks/<name>.yaml``; a path is used as is."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"benchmark file {p} does not exist")
+        return p
+    cand = BENCHMARKS_DIR / f"{name_or_path}.yaml"
+    if cand.is_file():
+        return cand
+    names = sorted(q.stem for q in BENCHMARKS_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(
+        f"unknown benchmark {name_or_path!r}{hint}; valid benchmarks: {', '.join(names)} "
+        "(or pass a path to a .yaml file)"
+    )
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> BenchmarkConfig:
+    """Load and validate a benchmark config from a name, a YAML path or a dict."""
+    if isinstance(source, dict):
+        data = copy.deepcopy(source)
+    else:
+        path = find_benchmark(str(source))
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        data.setdefault("name", path.stem)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    cfg = _build(BenchmarkConfig, data, "")
+    _check(cfg)
+    return cfg
+
+
+SPLIT_RE = re.compile(r"^B(\d+)Inc(\d+)$")
+
+
+def split_sizes(split: str, num_classes: int, num_experiences: int | None = None) -> list[int]:
+    """Classes per experience for ``B{base}Inc{inc}``.
+
+    PyCIL convention: a base experience of ``base`` classes (if > 0), then ``inc`` each; a
+    remainder that ``inc`` does not divide becomes a final smaller experience, so no class
+    is ever dropped (Avalanche's ``num_experiences`` would drop it).
+    """
+    m = SPLIT_RE.match(split)
+    if not m:
+        raise ConfigError(
+            f"scenario.split {split!r}: expected the form B<base>Inc<inc>, e.g. B0Inc10"
+        )
+    base, inc = int(m.group(1)), int(m.group(2))
+    if inc <= 0:
+        raise ConfigError(f"scenario.split {split!r}: the increment must be > 0")
+    if base >= num_classes or (base == 0 and inc > num_classes):
+        raise ConfigError(
+            f"scenario.split {split!r}: base {base} + increments of {inc} do not fit "
+            f"{num_classes} classes; use a base < {num_classes} and an increment <= {num_classes}"
+        )
+    sizes = [base] if base else []
+    while sum(sizes) < num_classes:
+        sizes.append(min(inc, num_classes - sum(sizes)))
+    if num_experiences is not None and num_experiences != len(sizes):
+        raise ConfigError(
+            f"scenario.split {split!r} on {num_classes} classes gives {len(sizes)} experiences "
+            f"({'+'.join(map(str, sizes))}), but scenario.num_experiences is {num_experiences}; "
+            "fix one of them"
+        )
+    return sizes
+
+
+def _check(cfg: BenchmarkConfig) -> None:
+    if not cfg.strategies:
+        raise ConfigError("strategies: list at least one strategy")
+    if not cfg.seeds:
+        raise ConfigError("seeds: list at least one seed")
+    if cfg.train.epochs < 0 or cfg.train.batch_size <= 0:
+        raise ConfigError("train.epochs must be >= 0 and train.batch_size > 0")
+    if cfg.train.amp is False:  # YAML 1.1 reads a bare `off` as false
+        cfg.train.amp = "off"
+    if cfg.train.amp not in ("auto", "bf16", "fp16", "off"):
+        raise ConfigError(f"train.amp {cfg.train.amp!r}: valid values: auto, bf16, fp16, off")
+    order = cfg.scenario.class_order
+    if isinstance(order, str) and order not in ("icarl", "sorted"):
+        raise ConfigError(
+            f"scenario.class_order {order!r}: valid values: icarl, sorted, or a list of class ids"
+        )
+    if cfg.dataset.class_range is not None:
+        r = cfg.dataset.class_range
+        if not (isinstance(r, list) and len(r) == 2 and 0 <= r[0] < r[1]):
+            raise ConfigError(f"dataset.class_range {r!r}: expected [lo, hi] with 0 <= lo < hi")

@@ -1,0 +1,190 @@
+"""Benchmark config -> Avalanche ``CLScenario`` (train/test streams of experiences).
+
+Flow: load the dataset (clbench.datasets) -> keep ``dataset.class_range`` -> choose the class
+order -> remap labels to 0..C-1 *in learning order* (Avalanche needs contiguous labels, and
+learning-order labels make "seen classes" simply ``range(n_seen)``) -> split with
+Avalanche's ``class_incremental_benchmark(num_classes_per_exp=...)`` (never
+``num_experiences``, which drops remainder classes).
+
+Every experience dataset carries three Avalanche transform groups: ``train`` (augmented,
+normalised float CHW), ``eval`` (normalised, no augmentation) and ``raw`` (uint8 CHW, what a
+replay buffer stores or compresses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from clbench.config import BenchmarkConfig, split_sizes
+from clbench.data import ImageSet, resolve_data_root
+from clbench.errors import ConfigError
+
+SMALL_IMAGE_PIXELS = 96 * 96  # sets of images up to this size are decoded into RAM once
+
+
+class ImageSetDataset(Dataset):
+    """Torch view of an :class:`ImageSet`: ``(uint8 CHW tensor, label)``, labels remapped."""
+
+    def __init__(self, images: ImageSet, label_map: np.ndarray, size: int | None = None):
+        self.images = images
+        self.targets = label_map[images.targets].tolist()
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = torch.from_numpy(np.ascontiguousarray(self.images.image(i))).permute(2, 0, 1)
+        if self.size is not None and img.shape[-2:] != (self.size, self.size):
+            # file-based sets have mixed sizes: bring them to one size for batching
+            img = v2.functional.resize(img, self.size, antialias=True)
+            img = v2.functional.center_crop(img, self.size)
+        return img, self.targets[i]
+
+
+def build_transforms(cfg: BenchmarkConfig, size: int) -> dict[str, Callable | None]:
+    """The train / eval / raw transform groups for uint8 CHW tensors."""
+    t = cfg.transforms
+    tail: list = [v2.ToDtype(torch.float32, scale=True)]
+    if t.normalize:
+        tail.append(v2.Normalize(t.mean, t.std))
+    augment = {
+        "none": [],
+        "crop_flip": [v2.RandomCrop(size, padding=t.crop_padding), v2.RandomHorizontalFlip()],
+        "flip": [v2.RandomHorizontalFlip()],
+        "resized_crop_flip": [
+            v2.RandomResizedCrop(size, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ],
+    }
+    if t.augment not in augment:
+        raise ConfigError(f"transforms.augment {t.augment!r}: valid values: {', '.join(augment)}")
+    return {
+        "train": v2.Compose([*augment[t.augment], *tail]),
+        "eval": v2.Compose(tail),
+        "raw": None,
+    }
+
+
+def class_order_for(cfg: BenchmarkConfig, num_classes: int) -> list[int]:
+    """Class order over the kept classes 0..num_classes-1 (icarl / sorted / explicit list)."""
+    from clbench.datasets.class_order import icarl_class_order
+
+    order = cfg.scenario.class_order
+    if order == "sorted":
+        return list(range(num_classes))
+    if order == "icarl":
+        return [int(c) for c in icarl_class_order(num_classes, seed=cfg.scenario.class_order_seed)]
+    order = [int(c) for c in order]
+    if sorted(order) != list(range(num_classes)):
+        raise ConfigError(
+            f"scenario.class_order: an explicit order must list each of the {num_classes} class "
+            f"ids 0..{num_classes - 1} exactly once (got {len(order)} ids)"
+        )
+    return order
+
+
+@dataclass
+class Scenario:
+    """An Avalanche CLScenario plus what the runner and strategies need to know."""
+
+    benchmark: object  # avalanche CLScenario
+    class_order: list[int]  # dataset class ids (after class_range) in learning order
+    class_names: list[str]  # names in learning order (index = remapped label)
+    experience_classes: list[list[int]]  # remapped labels of each experience
+    image_size: int
+    transforms: dict[str, Callable | None] = field(repr=False, default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_order)
+
+    @property
+    def train_stream(self):
+        return self.benchmark.train_stream
+
+    @property
+    def test_stream(self):
+        return self.benchmark.test_stream
+
+
+def _keep_classes(s: ImageSet, lo: int, hi: int) -> ImageSet:
+    keep = np.flatnonzero((s.targets >= lo) & (s.targets < hi))
+    sub = s.subset(keep)
+    sub.targets = sub.targets - lo
+    sub.classes = s.classes[lo:hi]
+    return sub
+
+
+def load_images(cfg: BenchmarkConfig, data_root: str | Path | None) -> tuple[ImageSet, ImageSet]:
+    """Load the configured dataset's (train, test) sets, class range applied."""
+    from clbench.datasets import load_dataset
+
+    d = cfg.dataset
+    root = resolve_data_root(d.root or data_root)
+    train, test = load_dataset(d.name, root, download=d.download, variant=d.variant, **d.options)
+    if d.class_range is not None:
+        lo, hi = d.class_range
+        if hi > len(train.classes):
+            raise ConfigError(
+                f"dataset.class_range [{lo}, {hi}] exceeds the {len(train.classes)} classes of "
+                f"{d.name}"
+            )
+        train, test = _keep_classes(train, lo, hi), _keep_classes(test, lo, hi)
+    return train, test
+
+
+def build_scenario(cfg: BenchmarkConfig, data_root: str | Path | None = None) -> Scenario:
+    """Build the class-incremental scenario described by ``cfg``."""
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
+
+    train, test = load_images(cfg, data_root)
+    num_classes = len(train.classes)
+    sizes = split_sizes(cfg.scenario.split, num_classes, cfg.scenario.num_experiences)
+    order = class_order_for(cfg, num_classes)
+    label_map = np.empty(num_classes, dtype=np.int64)
+    label_map[order] = np.arange(num_classes)
+
+    size = cfg.dataset.image_size
+    sets = {"train": train, "test": test}
+    for key, s in sets.items():
+        small = s.images is not None or cfg.dataset.in_memory
+        if s.paths is not None and (
+            cfg.dataset.in_memory or (cfg.dataset.in_memory is None and small)
+        ):
+            sets[key] = s = s.materialize(size=size)
+        if size is None and s.images is not None:
+            size = int(s.images.shape[1])
+    if size is None:
+        raise ConfigError(
+            f"dataset.image_size: {cfg.dataset.name} has images of mixed sizes; set an input size, "
+            "e.g. --set dataset.image_size=224"
+        )
+    transforms = build_transforms(cfg, size)
+    groups = {k: (v, None) for k, v in transforms.items()}
+    av = {}
+    for key, s in sets.items():
+        ds = ImageSetDataset(s, label_map, size=None if s.images is not None else size)
+        av[key] = _make_taskaware_classification_dataset(
+            ds, targets=ds.targets, transform_groups=groups, initial_transform_group="train"
+        )
+    benchmark = class_incremental_benchmark(
+        av, class_order=list(range(num_classes)), num_classes_per_exp=sizes
+    )
+    bounds = np.cumsum([0, *sizes])
+    return Scenario(
+        benchmark=benchmark,
+        class_order=order,
+        class_names=[train.classes[c] for c in order],
+        experience_classes=[list(range(bounds[i], bounds[i + 1])) for i in range(len(sizes))],
+        image_size=size,
+        transforms=transforms,
+    )

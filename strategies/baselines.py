@@ -1,0 +1,221 @@
+"""Rehearsal-free baselines on a backbone + incremental linear head: finetune, joint, lwf, ewc.
+
+finetune = Avalanche's Naive, joint = Avalanche's Cumulative (the upper bound: continue
+training on all data seen so far), lwf = Li & Hoiem's distillation from the previous model
+on the old classes, ewc = Kirkpatrick et al. with the diagonal empirical Fisher. The
+algorithms follow Avalanche's implementations and defaults; see strategies/base.py for why
+the loop is ours.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import ConcatDataset, Dataset
+
+from clbench.strategies.base import (
+    BackboneClassifier,
+    Experience,
+    Strategy,
+    StrategyContext,
+    count_params,
+    module_bytes,
+    register_strategy,
+)
+
+DEFAULTS = Path(__file__).with_suffix(".yaml")
+
+
+class ModelStrategy(Strategy):
+    """A backbone + incremental head trained with cross-entropy; subclasses add terms.
+
+    Hooks: ``training_data(exp)`` (what to iterate), ``loss(x, y)`` (per batch),
+    ``after_experience(exp)`` (consolidation), ``extra_state``/``load_extra_state``.
+    """
+
+    def __init__(self, ctx: StrategyContext, **params: Any):
+        super().__init__(ctx, **params)
+        self.model = BackboneClassifier(ctx.make_backbone(), ctx.num_classes).to(self.device)
+
+    def training_data(self, exp: Experience) -> Dataset:
+        return exp.data("train")
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(self.model(x, self.n_seen), y)
+
+    def after_experience(self, exp: Experience) -> None:
+        """Consolidate after training (distillation targets, importances, buffers)."""
+
+    def train_experience(self, exp: Experience) -> None:
+        self.n_seen = len(exp.seen_classes)
+        self.model.train()
+        loader = self.loader(self.training_data(exp))
+        self.fit(loader, self.loss, list(self.model.parameters()), exp.index)
+        self.model.eval()
+        self.after_experience(exp)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        self.model.eval()
+        return self.model(x, self.n_seen)
+
+    def trainable_params(self) -> int:
+        return count_params(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "n_seen": self.n_seen, **self.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.n_seen = state["n_seen"]
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@register_strategy("finetune", DEFAULTS)
+class Finetune(ModelStrategy):
+    """Plain fine-tuning on each new experience (the lower bound; Avalanche's Naive)."""
+
+
+@register_strategy("joint", DEFAULTS)
+class Joint(ModelStrategy):
+    """Trains on the union of all experiences seen so far (Avalanche's Cumulative)."""
+
+    def __init__(self, ctx: StrategyContext, **params: Any):
+        super().__init__(ctx, **params)
+        self.seen: list[Any] = []  # the experiences' datasets, views of the scenario's data
+
+    def training_data(self, exp: Experience) -> Dataset:
+        self.seen.append(exp.dataset)
+        return ConcatDataset([d.with_transforms("train") for d in self.seen])
+
+    def extra_state(self) -> dict[str, Any]:
+        # the datasets are the scenario's; a resumed run re-attaches them by experience index
+        return {"num_seen_experiences": len(self.seen)}
+
+    def resume(self, finished: list[Experience]) -> None:
+        self.seen = [e.dataset for e in finished]
+
+
+class _PreviousModel(ModelStrategy):
+    """Keeps a frozen copy of the model after each experience (LwF's teacher)."""
+
+    def __init__(self, ctx: StrategyContext, **params: Any):
+        super().__init__(ctx, **params)
+        self.prev: BackboneClassifier | None = None
+        self.prev_n_seen = 0
+
+    def after_experience(self, exp: Experience) -> None:
+        self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.prev_n_seen = self.n_seen
+
+    def memory(self) -> dict[str, Any]:
+        return {**super().memory(), "model_copies_bytes": module_bytes(self.prev)}
+
+    def extra_state(self) -> dict[str, Any]:
+        prev = None if self.prev is None else self.prev.state_dict()
+        return {"prev": prev, "prev_n_seen": self.prev_n_seen}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.prev_n_seen = state["prev_n_seen"]
+        if state["prev"] is not None:
+            self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.prev.load_state_dict(state["prev"])
+
+
+def distillation(logits: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Hinton's KD: soft cross-entropy between tempered distributions, scaled by T^2."""
+    log_p = F.log_softmax(logits / temperature, dim=1)
+    q = F.softmax(teacher / temperature, dim=1)
+    return -(q * log_p).sum(1).mean() * temperature**2
+
+
+@register_strategy("lwf", DEFAULTS)
+class LwF(_PreviousModel):
+    """Learning without Forgetting: CE on new data + alpha * KD from the previous model."""
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        logits = self.model(x, self.n_seen)
+        loss = F.cross_entropy(logits, y)
+        if self.prev is not None:
+            with torch.no_grad():
+                teacher = self.prev(x, self.prev_n_seen)
+            kd = distillation(logits[:, : self.prev_n_seen], teacher, self.params["temperature"])
+            loss = loss + self.params["alpha"] * kd
+        return loss
+
+
+@register_strategy("ewc", DEFAULTS)
+class EWC(ModelStrategy):
+    """Elastic Weight Consolidation with the diagonal empirical Fisher.
+
+    ``mode: separate`` keeps one (Fisher, anchor) pair per experience (Avalanche's default);
+    ``online`` keeps a single decayed Fisher and the latest anchor (Schwarz et al.).
+    """
+
+    def __init__(self, ctx: StrategyContext, **params: Any):
+        super().__init__(ctx, **params)
+        self.penalties: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
+
+    def _named(self) -> dict[str, torch.nn.Parameter]:
+        # the head's unseen units get no gradient; penalise backbone + head alike
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        loss = F.cross_entropy(self.model(x, self.n_seen), y)
+        if self.penalties:
+            params = self._named()
+            reg = sum(
+                (fisher[n] * (params[n] - anchor[n]).pow(2)).sum()
+                for fisher, anchor in self.penalties
+                for n in fisher
+            )
+            loss = loss + 0.5 * self.params["ewc_lambda"] * reg
+        return loss
+
+    def after_experience(self, exp: Experience) -> None:
+        params = self._named()
+        fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.model.eval()  # Fisher at the solution, BatchNorm statistics frozen
+        batches = 0
+        for batch in self.loader(exp.data("eval")):
+            x, y = batch[0].to(self.device), batch[1].to(self.device)
+            self.model.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(x, self.n_seen), y).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    fisher[n] += p.grad.detach().pow(2)
+            batches += 1
+        fisher = {n: f / max(1, batches) for n, f in fisher.items()}
+        anchor = {n: p.detach().clone() for n, p in params.items()}
+        if self.params["mode"] == "online" and self.penalties:
+            old, _ = self.penalties[0]
+            fisher = {n: self.params["decay_factor"] * old[n] + fisher[n] for n in fisher}
+            self.penalties = []
+        self.penalties.append((fisher, anchor))
+        self.model.zero_grad(set_to_none=True)
+
+    def memory(self) -> dict[str, Any]:
+        nbytes = sum(
+            t.numel() * t.element_size()
+            for pair in self.penalties
+            for d in pair
+            for t in d.values()
+        )
+        return {**super().memory(), "model_copies_bytes": nbytes}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"penalties": [list(pair) for pair in self.penalties]}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.penalties = [tuple(pair) for pair in state["penalties"]]
