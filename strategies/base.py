@@ -42,6 +42,7 @@ STRATEGIES: Registry[type[Strategy]] = Registry(
         "clbench.strategies.baselines",
         "clbench.strategies.replay",
         "clbench.strategies.cl_lora",
+        "clbench.strategies.ptm",
     ),
 )
 
@@ -102,10 +103,12 @@ def load_defaults(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def amp_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CPU and CUDA by default; fp16 on request; none when off."""
-    return {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[
-        train.amp
-    ]
+    """The autocast dtype. ``auto``: bf16 on CUDA, none on CPU, because on the AVX2-only
+    CPUs we measured (benchmarks/perf/amp_cpu.py) bf16 autocast makes convolutions an order
+    of magnitude slower; ViT benchmarks opt in with ``amp: bf16``, where matmuls gain."""
+    if train.amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[train.amp]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

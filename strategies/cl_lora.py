@@ -60,6 +60,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clbench.errors import ConfigError
 from clbench.strategies.base import (
     Experience,
     NonFiniteLossError,
@@ -69,9 +72,6 @@ from clbench.strategies.base import (
     load_defaults,
     register_strategy,
 )
-from torch import Tensor, nn
-
-from clbench.errors import ConfigError
 
 DEFAULTS_FILE = Path(__file__).with_name("cl_lora.yaml")
 

@@ -9,6 +9,11 @@ import io
 
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import Dataset
+
+from clbench.config import load_config
+from clbench.errors import ConfigError
 from clbench.strategies.base import STRATEGIES, Experience, StrategyContext
 from clbench.strategies.cl_lora import (
     CLLoRA,
@@ -18,11 +23,6 @@ from clbench.strategies.cl_lora import (
     orth_block_weights,
     orth_lora_down,
 )
-from timm.models.vision_transformer import VisionTransformer
-from torch.utils.data import Dataset
-
-from clbench.config import load_config
-from clbench.errors import ConfigError
 
 IMG = 32
 
@@ -281,6 +281,9 @@ def test_efficient_inference_equals_reference():
         ref = s.predict(x)
     fast = s.predict(x)
     assert fast.shape == (len(x), 6)
+    with torch.no_grad():  # non-trivial: each task's adapters give different features
+        f = s.net.features_all_tasks(x)
+    assert (f[0] - f[1]).abs().max() > 1e-3 and (f[1] - f[2]).abs().max() > 1e-3
     assert (fast - ref).abs().max() <= 1e-4
     s.params["infer_chunk"] = 2  # tasks batched two at a time
     assert (s.predict(x) - ref).abs().max() <= 1e-4
