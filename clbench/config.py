@@ -70,7 +70,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     scheduler: str = "none"  # none | cosine | multistep
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
-    amp: str = "auto"  # auto (bf16 on CPU and CUDA) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     num_workers: int = 0
     grad_clip: float | None = None
     threads: int | None = None  # torch.set_num_threads; None keeps torch's default
@@ -110,8 +110,38 @@ def _build(cls: type, data: Any, where: str) -> Any:
             )
         ftype = fields[key].type
         sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        kwargs[key] = _build(sub, value, f"{where + '.' if where else ''}{key}") if sub else value
+        name = f"{where + '.' if where else ''}{key}"
+        kwargs[key] = _build(sub, value, name) if sub else _coerce(value, str(ftype), name)
     return cls(**kwargs)
+
+
+_SCALARS = {"float": float, "int": int, "bool": bool, "str": str}
+
+
+def _coerce(value: Any, ftype: str, name: str) -> Any:
+    """Check a scalar against its annotation (``"float | None"``...), converting numbers.
+
+    YAML 1.1 reads ``1e-4`` as a string and ``3`` as an int; both are fine for a float key.
+    """
+    kinds = [k.strip() for k in ftype.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"config key {name} must be set (expected {ftype})")
+    for kind in kinds:
+        conv = _SCALARS.get(kind)
+        if conv is None:
+            if kind != "None":
+                return value  # containers and unions with them: checked where used
+            continue
+        if isinstance(value, conv) and not (conv is int and isinstance(value, bool)):
+            return value
+        if conv is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"config key {name}: expected {ftype}, got {value!r}")
 
 
 _DATACLASSES = {

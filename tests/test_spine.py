@@ -1,0 +1,245 @@
+"""The spine end to end on tiny data: config, scenarios, strategies, runner, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clbench.cli import main
+from clbench.config import load_config, split_sizes
+from clbench.errors import ClbenchError, ConfigError
+from clbench.memory import ExemplarBuffer, parse_bytes
+from clbench.records import validate_record
+from clbench.runner import run_benchmark, run_one
+from clbench.scenarios import build_scenario
+
+# a fast digits config: few epochs, a small MLP, one thread (deterministic and quick)
+FAST = ["train.epochs=2", "backbone.kwargs.hidden=32", "train.threads=1"]
+
+
+def fast_cfg(*extra: str):
+    return load_config("digits", [*FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def digits_scenario():
+    cfg = fast_cfg()
+    return cfg, build_scenario(cfg)
+
+
+# -- config -------------------------------------------------------------------------------
+def test_unknown_key_names_key_and_valid_ones():
+    with pytest.raises(ConfigError, match=r"train\.epochz.*did you mean 'epochs'.*valid keys"):
+        load_config("digits", ["train.epochz=3"])
+
+
+def test_set_parses_yaml_values():
+    cfg = load_config("digits", ["train.epochs=3", "strategies=[er, lwf]", "train.grad_clip=1.5"])
+    assert cfg.train.epochs == 3 and cfg.strategies == ["er", "lwf"] and cfg.train.grad_clip == 1.5
+
+
+def test_unknown_benchmark_lists_valid():
+    with pytest.raises(ConfigError, match="valid benchmarks:.*digits"):
+        load_config("digitz")
+
+
+@pytest.mark.parametrize(
+    "split,n,expected",
+    [
+        ("B0Inc10", 100, [10] * 10),
+        ("B50Inc10", 100, [50] + [10] * 5),
+        ("B11Inc10", 101, [11] + [10] * 9),
+        ("B0Inc10", 101, [10] * 10 + [1]),
+    ],
+)
+def test_split_sizes_never_drop_classes(split, n, expected):
+    sizes = split_sizes(split, n)
+    assert sizes == expected and sum(sizes) == n
+
+
+def test_invalid_split_explains_itself():
+    with pytest.raises(ConfigError, match="gives 10 experiences.*num_experiences is 5"):
+        split_sizes("B0Inc10", 100, num_experiences=5)
+    with pytest.raises(ConfigError, match="do not fit 100 classes"):
+        split_sizes("B100Inc10", 100)
+    with pytest.raises(ConfigError, match="B<base>Inc<inc>"):
+        split_sizes("10x10", 100)
+
+
+# -- scenario -----------------------------------------------------------------------------
+def test_digits_scenario(digits_scenario):
+    cfg, sc = digits_scenario
+    assert sc.num_classes == 10 and len(sc.train_stream) == 5
+    assert sc.class_order == [int(c) for c in np.random.RandomState(1993).permutation(10)]
+    for i, exp in enumerate(sc.train_stream):
+        assert sorted(set(exp.dataset.targets)) == sc.experience_classes[i] == [2 * i, 2 * i + 1]
+        x, y, _ = exp.dataset.train()[0]
+        assert x.dtype == torch.float32 and x.shape == (3, 8, 8)
+        raw, _, _ = exp.dataset.with_transforms("raw")[0]
+        assert raw.dtype == torch.uint8
+    # labels remapped in learning order: learned class k is dataset class class_order[k]
+    test_targets = [t for e in sc.test_stream for t in e.dataset.targets]
+    assert sorted(set(test_targets)) == list(range(10))
+
+
+def test_class_range_and_explicit_order():
+    cfg = fast_cfg(
+        "dataset.class_range=[2, 8]",
+        "scenario.split=B2Inc2",
+        "scenario.num_experiences=3",
+        "scenario.class_order=[5, 4, 3, 2, 1, 0]",
+    )
+    sc = build_scenario(cfg)
+    assert sc.class_order == [5, 4, 3, 2, 1, 0] and sc.num_classes == 6
+    assert sc.class_names[0] == "7"  # dataset class 2 + 5
+
+
+def test_missing_data_is_one_clear_error(tmp_path):
+    cfg = load_config("tinyimagenet")
+    with pytest.raises(ClbenchError, match="tiny-imagenet-200"):
+        run_benchmark(cfg, tmp_path / "out", data_root=str(tmp_path / "nowhere"), progress=False)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+# -- strategies through the runner ----------------------------------------------------------
+@pytest.mark.parametrize("name", ["finetune", "joint", "lwf", "ewc", "er", "der", "gdumb", "icarl"])
+def test_every_baseline_runs_and_records(name, digits_scenario, tmp_path):
+    cfg, sc = digits_scenario
+    rec = run_one(cfg, sc, name, 0, tmp_path, log=lambda s: None)
+    assert validate_record(rec) == []
+    m = rec["metrics"]
+    assert len(m["accuracy_matrix"]) == 5 and 0 <= m["last_accuracy"] <= 1
+    assert rec["costs"]["trainable_params"] > 0
+    saved = json.loads((tmp_path / "runs" / f"digits__{name}__s0.json").read_text())
+    assert saved["status"] == "complete" and saved["metrics"] == json.loads(json.dumps(m))
+    assert not (tmp_path / "checkpoints" / f"digits__{name}__s0.pt").exists()
+
+
+def test_replay_beats_finetune_and_joint_is_upper_bound(digits_scenario, tmp_path):
+    cfg, sc = digits_scenario
+    acc = {
+        s: run_one(cfg, sc, s, 0, tmp_path, log=lambda s: None)["metrics"]["last_accuracy"]
+        for s in ["finetune", "er", "joint"]
+    }
+    assert acc["joint"] > acc["er"] > acc["finetune"]
+
+
+def test_deterministic_for_a_seed(digits_scenario, tmp_path):
+    cfg, sc = digits_scenario
+    a = run_one(cfg, sc, "er", 3, tmp_path / "a", log=lambda s: None)
+    b = run_one(cfg, sc, "er", 3, tmp_path / "b", log=lambda s: None)
+    assert a["metrics"]["accuracy_matrix"] == b["metrics"]["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("name", ["er", "joint", "icarl", "ewc"])
+def test_resume_gives_the_uninterrupted_matrix(name, digits_scenario, tmp_path):
+    cfg, sc = digits_scenario
+    full = run_one(cfg, sc, name, 1, tmp_path / "full", log=lambda s: None)
+    out = tmp_path / "killed"
+    assert run_one(cfg, sc, name, 1, out, stop_after=2, log=lambda s: None) is None
+    partial = json.loads((out / "runs" / f"digits__{name}__s1.json").read_text())
+    assert partial["status"] == "partial" and len(partial["metrics"]["accuracy_matrix"]) == 2
+    ckpt = out / "checkpoints" / f"digits__{name}__s1.pt"
+    torch.load(ckpt, weights_only=True)  # loadable without unpickling arbitrary objects
+    resumed = run_one(cfg, sc, name, 1, out, resume=True, log=lambda s: None)
+    assert resumed["metrics"]["accuracy_matrix"] == full["metrics"]["accuracy_matrix"]
+
+
+def test_nan_loss_names_experience_and_step(digits_scenario, tmp_path):
+    cfg, sc = digits_scenario
+    bad = load_config("digits", [*FAST, "train.lr=1e30"])
+    with pytest.raises(ClbenchError, match=r"loss is (nan|inf) at experience \d+, step \d+"):
+        run_one(bad, sc, "finetune", 0, tmp_path, log=lambda s: None)
+
+
+def test_unknown_strategy_and_param(digits_scenario, tmp_path):
+    cfg, sc = digits_scenario
+    with pytest.raises(ClbenchError, match="valid strategy names:.*finetune"):
+        run_one(cfg, sc, "finetuned", 0, tmp_path)
+    bad = fast_cfg("strategy_params={er: {mem_sise: 10}}")
+    with pytest.raises(ConfigError, match="mem_sise.*valid: budget_bytes"):
+        run_one(bad, sc, "er", 0, tmp_path)
+
+
+# -- byte-budgeted buffer -------------------------------------------------------------------
+def test_parse_bytes():
+    assert parse_bytes("2MB") == 2_000_000 and parse_bytes("1 KiB") == 1024 and parse_bytes(7) == 7
+    with pytest.raises(ConfigError, match="budget_bytes"):
+        parse_bytes("lots")
+
+
+def test_buffer_never_exceeds_budget_and_stays_balanced():
+    rng = np.random.default_rng(0)
+    img = lambda: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # noqa: E731
+    per = 8 * 8 * 3 + 8  # pixels + int64 label
+    buf = ExemplarBuffer(budget_bytes=10 * per + 5)
+    buf.add_classes({0: [img() for _ in range(20)], 1: [img() for _ in range(20)]})
+    assert buf.nbytes() <= buf.budget_bytes and [len(buf.payloads[c]) for c in (0, 1)] == [5, 5]
+    buf.add_classes({2: [img() for _ in range(20)], 3: [img() for _ in range(20)]})
+    assert buf.nbytes() <= buf.budget_bytes and all(len(buf.payloads[c]) == 2 for c in range(4))
+    x, y = buf.tensors()
+    assert x.shape == (8, 3, 8, 8) and y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    state = buf.state_dict()
+    other = ExemplarBuffer(budget_bytes=buf.budget_bytes)
+    other.load_state_dict(state)
+    assert torch.equal(other.tensors()[0], x)
+
+
+def test_byte_budget_equals_count_for_raw(digits_scenario, tmp_path):
+    cfg, sc = digits_scenario
+    per = 8 * 8 * 3 + 8
+    byb = fast_cfg(f"strategy_params={{er: {{mem_size: null, budget_bytes: {100 * per}}}}}")
+    rec = run_one(byb, sc, "er", 0, tmp_path, log=lambda s: None)
+    mem = rec["costs"]["memory"]
+    assert mem["exemplars"] == 100 and mem["buffer_bytes"] == 100 * per
+    assert mem["mean_bpp"] == pytest.approx(24.0)
+
+
+# -- CLI ----------------------------------------------------------------------------------
+def test_cli_run_and_skip(tmp_path, capsys):
+    out = tmp_path / "res"
+    args = [
+        "run",
+        "digits",
+        "--strategy",
+        "finetune",
+        "er",
+        "--out",
+        str(out),
+        "--no-progress",
+        *sum((["--set", s] for s in FAST), []),
+    ]
+    assert main(args) == 0
+    assert {p.name for p in (out / "runs").iterdir()} == {
+        "digits__finetune__s0.json",
+        "digits__er__s0.json",
+    }
+    assert (out / "leaderboard.md").is_file() and (out / "leaderboard.html").is_file()
+    assert main(args) == 0
+    assert "already recorded, skipping" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["run", "--set", "train.epochz=1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clbench: error: unknown config key train.epochz")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_list(capsys):
+    assert main(["list", "strategies"]) == 0
+    out = capsys.readouterr().out
+    for s in ["finetune", "joint", "er", "icarl", "lwf", "ewc", "der", "gdumb"]:
+        assert s in out
+
+
+def test_data_root_env(monkeypatch, tmp_path):
+    from clbench.data import resolve_data_root
+
+    monkeypatch.setenv("CLBENCH_DATA_ROOT", str(tmp_path))
+    assert resolve_data_root(None) == Path(tmp_path)
+    assert resolve_data_root("/x") == Path("/x")
