@@ -30,7 +30,7 @@ class DatasetConfig:
     download: bool = False  # opt-in torchvision download where the dataset allows it
     class_range: list[int] | None = None  # [lo, hi): keep dataset classes lo..hi-1
     image_size: int | None = None  # resize (lazy, file-based sets) / model input size
-    in_memory: bool | None = None  # decode everything once into RAM (default: small images)
+    in_memory: bool = False  # decode a file-based set once into RAM (small images, e.g. 64x64)
     options: dict[str, Any] = field(default_factory=dict)  # loader-specific
 
 
@@ -73,6 +73,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     num_workers: int = 0
     grad_clip: float | None = None
+    channels_last: bool = False  # NHWC convolutions (faster for CNNs on CPU with oneDNN)
     threads: int | None = None  # torch.set_num_threads; None keeps torch's default
 
 

@@ -134,7 +134,7 @@ def evaluate(strategy: Strategy, data, batch_size: int, device: torch.device) ->
     """(correct, total) of ``strategy.predict`` on an eval-transformed dataset."""
     correct = total = 0
     for batch in DataLoader(data, batch_size=batch_size):
-        x, y = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
+        x, y = strategy.to_device(batch[0]), torch.as_tensor(batch[1]).to(device)
         with autocast(device, strategy.amp):
             logits = strategy.predict(x)
         correct += int((logits.argmax(1) == y).sum())

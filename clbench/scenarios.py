@@ -26,8 +26,6 @@ from clbench.config import BenchmarkConfig, split_sizes
 from clbench.data import ImageSet, resolve_data_root
 from clbench.errors import ConfigError
 
-SMALL_IMAGE_PIXELS = 96 * 96  # sets of images up to this size are decoded into RAM once
-
 
 class ImageSetDataset(Dataset):
     """Torch view of an :class:`ImageSet`: ``(uint8 CHW tensor, label)``, labels remapped."""

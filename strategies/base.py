@@ -212,6 +212,13 @@ class Strategy(ABC):
         return {"buffer_bytes": 0, "model_copies_bytes": 0, "exemplars": None, "mean_bpp": None}
 
     # -- shared machinery -----------------------------------------------------------------
+    def to_device(self, x: Tensor) -> Tensor:
+        """Move an input batch to the device (channels-last for 4-D inputs if configured)."""
+        x = x.to(self.device, non_blocking=True)
+        if self.train_cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def loader(
         self, data: Dataset, shuffle: bool = True, batch_size: int | None = None
     ) -> DataLoader:
@@ -290,7 +297,7 @@ class Strategy(ABC):
         )
         for _ in range(epochs):
             for batch in loader:
-                x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device)
+                x, y = self.to_device(batch[0]), batch[1].to(self.device)
                 with autocast(self.device, self.amp):
                     loss = step_loss(x, y)
                 if not math.isfinite(loss.item()):
@@ -318,6 +325,6 @@ class Strategy(ABC):
         outs, ys = [], []
         for batch in DataLoader(data, batch_size=batch_size or self.train_cfg.eval_batch_size):
             with autocast(self.device, self.amp):
-                outs.append(fn(batch[0].to(self.device)).float())
+                outs.append(fn(self.to_device(batch[0])).float())
             ys.append(torch.as_tensor(batch[1]))
         return torch.cat(outs), torch.cat(ys)

@@ -41,6 +41,8 @@ class ModelStrategy(Strategy):
     def __init__(self, ctx: StrategyContext, **params: Any):
         super().__init__(ctx, **params)
         self.model = BackboneClassifier(ctx.make_backbone(), ctx.num_classes).to(self.device)
+        if self.train_cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     def training_data(self, exp: Experience) -> Dataset:
         return exp.data("train")
@@ -189,7 +191,7 @@ class EWC(ModelStrategy):
         self.model.eval()  # Fisher at the solution, BatchNorm statistics frozen
         batches = 0
         for batch in self.loader(exp.data("eval")):
-            x, y = batch[0].to(self.device), batch[1].to(self.device)
+            x, y = self.to_device(batch[0]), batch[1].to(self.device)
             self.model.zero_grad(set_to_none=True)
             F.cross_entropy(self.model(x, self.n_seen), y).backward()
             for n, p in params.items():
