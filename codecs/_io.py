@@ -18,7 +18,9 @@ def find_images(root: str | os.PathLike, what: str = "image folder") -> list[Pat
     """Image files under ``root`` (recursive, sorted, case-insensitive suffixes)."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise ClbenchError(f"{what} {root} does not exist; pass an existing folder (or set --data-root)")
+        raise ClbenchError(
+            f"{what} {root} does not exist; pass an existing folder (or set --data-root)"
+        )
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()

@@ -43,11 +43,15 @@ class Codec:
     # -- what subclasses implement ---------------------------------------------------
     def encode_one(self, image: np.ndarray) -> bytes:
         """Encode one uint8 HWC RGB image."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither encode_one nor encode_batch")
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither encode_one nor encode_batch"
+        )
 
     def decode_one(self, data: bytes) -> np.ndarray:
         """Decode one bytes object to a uint8 HWC RGB image."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither decode_one nor decode_batch")
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither decode_one nor decode_batch"
+        )
 
     def encode_batch(self, images: list[np.ndarray]) -> list[bytes]:
         """Encode validated uint8 HWC images; override to batch."""
@@ -94,14 +98,21 @@ class Codec:
     def decode(self, data: Sequence[bytes]) -> list[np.ndarray]:
         """Decode bytes objects back to uint8 HWC RGB arrays (one per item)."""
         if isinstance(data, (bytes, bytearray, memoryview)):
-            raise ClbenchError(f"codec {self.spec}: decode takes a list of bytes objects; wrap one in [...]")
+            raise ClbenchError(
+                f"codec {self.spec}: decode takes a list of bytes objects; wrap one in [...]"
+            )
         data = list(data)
         for i, b in enumerate(data):
             if not isinstance(b, (bytes, bytearray)):
                 raise ClbenchError(f"codec {self.spec}: item {i} is {type(b).__name__}, not bytes")
         out = self.decode_batch([bytes(b) for b in data])
         for i, im in enumerate(out):
-            if not (isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3):
+            if not (
+                isinstance(im, np.ndarray)
+                and im.dtype == np.uint8
+                and im.ndim == 3
+                and im.shape[2] == 3
+            ):
                 raise CorruptDataError(
                     f"codec {self.spec}: item {i} decoded to {getattr(im, 'shape', type(im))} "
                     f"{getattr(im, 'dtype', '')}, not uint8 HxWx3"
@@ -136,7 +147,9 @@ def as_image_list(images: Any, who: str = "codec") -> list[np.ndarray]:
     tensors (sizes may differ). A single 3-D array is refused: it is ambiguous between
     one HWC image and a batch of grey images.
     """
-    if hasattr(images, "detach") and hasattr(images, "cpu"):  # torch tensor, without importing torch
+    if hasattr(images, "detach") and hasattr(
+        images, "cpu"
+    ):  # torch tensor, without importing torch
         images = images.detach().cpu().numpy()
     if isinstance(images, np.ndarray):
         if images.ndim != 4:
@@ -146,16 +159,28 @@ def as_image_list(images: Any, who: str = "codec") -> list[np.ndarray]:
             )
         items = list(images)
     elif isinstance(images, (list, tuple)):
-        items = [im.detach().cpu().numpy() if hasattr(im, "detach") else np.asarray(im) for im in images]
+        items = [
+            im.detach().cpu().numpy() if hasattr(im, "detach") else np.asarray(im) for im in images
+        ]
     else:
-        raise ClbenchError(f"{who}: cannot encode a {type(images).__name__}; pass a uint8 NHWC array or a list of HWC arrays")
+        raise ClbenchError(
+            f"{who}: cannot encode a {type(images).__name__}; pass a uint8 NHWC array or a list of HWC arrays"
+        )
     out = []
     for i, im in enumerate(items):
         if im.dtype != np.uint8:
-            raise ClbenchError(f"{who}: item {i} has dtype {im.dtype}; codecs take uint8 RGB (convert with (x * 255).round().astype('uint8'))")
+            raise ClbenchError(
+                f"{who}: item {i} has dtype {im.dtype}; codecs take uint8 RGB (convert with (x * 255).round().astype('uint8'))"
+            )
         if im.ndim != 3 or im.shape[2] != 3:
-            hint = " (channels first? use HWC / permute(0, 2, 3, 1))" if im.ndim == 3 and im.shape[0] == 3 else ""
-            raise ClbenchError(f"{who}: item {i} has shape {im.shape}; codecs take RGB images H x W x 3{hint}")
+            hint = (
+                " (channels first? use HWC / permute(0, 2, 3, 1))"
+                if im.ndim == 3 and im.shape[0] == 3
+                else ""
+            )
+            raise ClbenchError(
+                f"{who}: item {i} has shape {im.shape}; codecs take RGB images H x W x 3{hint}"
+            )
         if im.shape[0] == 0 or im.shape[1] == 0:
             raise ClbenchError(f"{who}: item {i} is empty (shape {im.shape})")
         out.append(np.ascontiguousarray(im))
@@ -208,11 +233,15 @@ def parse_value(text: str) -> Any:
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"jpeg:q=30,subsampling=0"`` -> ``("jpeg", {"q": 30, "subsampling": 0})``."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ClbenchError(f"codec spec {spec!r} is empty; write NAME or NAME:key=value,... (e.g. jpeg:q=30)")
+        raise ClbenchError(
+            f"codec spec {spec!r} is empty; write NAME or NAME:key=value,... (e.g. jpeg:q=30)"
+        )
     name, _, rest = spec.strip().partition(":")
     name = name.strip()
     if not _NAME_RE.match(name):
-        raise ClbenchError(f"codec spec {spec!r}: {name!r} is not a codec name; write NAME:key=value,... (e.g. jpeg:q=30)")
+        raise ClbenchError(
+            f"codec spec {spec!r}: {name!r} is not a codec name; write NAME:key=value,... (e.g. jpeg:q=30)"
+        )
     opts: dict[str, Any] = {}
     if rest.strip():
         for item in _split_top(rest):
@@ -249,6 +278,6 @@ def expand_spec(spec: str) -> list[str]:
     out = []
     for combo in itertools.product(*(opts[k] for k in keys)):
         o = dict(opts)
-        o.update(zip(keys, combo))
+        o.update(zip(keys, combo, strict=True))
         out.append(format_spec(name, o))
     return out

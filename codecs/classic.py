@@ -59,12 +59,16 @@ class PillowCodec(Codec):
         value = options.pop(knob, cfg["default"])
         lo, hi = cfg["range"]
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            raise ClbenchError(f"codec {self.name}: {knob}={value!r} is invalid; use an integer in {lo}..{hi}")
+            raise ClbenchError(
+                f"codec {self.name}: {knob}={value!r} is invalid; use an integer in {lo}..{hi}"
+            )
         setattr(self, knob, value)
         unknown = set(options) - set(cfg.get("save", {}))
         if unknown:
             valid = ", ".join([knob, *cfg.get("save", {})])
-            raise ClbenchError(f"codec {self.name}: unknown option(s) {', '.join(sorted(unknown))}; valid: {valid}")
+            raise ClbenchError(
+                f"codec {self.name}: unknown option(s) {', '.join(sorted(unknown))}; valid: {valid}"
+            )
         self.save_options = {**cfg.get("save", {}), **options}
         self.lossless = bool(cfg.get("lossless", False) or self.save_options.get("lossless", False))
 
@@ -87,15 +91,21 @@ class PillowCodec(Codec):
     def encode_one(self, image: np.ndarray) -> bytes:
         buf = io.BytesIO()
         try:
-            Image.fromarray(image, "RGB").save(buf, format=self.cfg["format"], **self._save_kwargs(image))
+            Image.fromarray(image, "RGB").save(
+                buf, format=self.cfg["format"], **self._save_kwargs(image)
+            )
         except (OSError, ValueError) as e:
-            raise ClbenchError(f"codec {self.spec}: cannot encode a {image.shape[1]}x{image.shape[0]} image: {e}") from None
+            raise ClbenchError(
+                f"codec {self.spec}: cannot encode a {image.shape[1]}x{image.shape[0]} image: {e}"
+            ) from None
         return buf.getvalue()
 
     def decode_one(self, data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             if im.format != self.cfg["format"]:
-                raise CorruptDataError(f"codec {self.spec}: the bytes are {im.format}, not {self.cfg['format']}")
+                raise CorruptDataError(
+                    f"codec {self.spec}: the bytes are {im.format}, not {self.cfg['format']}"
+                )
             im.load()  # raises on truncated data (Pillow's LOAD_TRUNCATED_IMAGES is off)
             return np.asarray(im.convert("RGB"))
 

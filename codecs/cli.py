@@ -38,7 +38,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         img = np.random.default_rng(0).integers(0, 256, (args.probe, args.probe, 3), dtype=np.uint8)
         data = codec.encode([img])
         back = codec.decode(data)[0]
-        print(f"probe     {args.probe}x{args.probe} noise -> {len(data[0])} bytes, decoded {back.shape}")
+        print(
+            f"probe     {args.probe}x{args.probe} noise -> {len(data[0])} bytes, decoded {back.shape}"
+        )
     return 0
 
 
@@ -74,7 +76,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         minutes=args.minutes,
         threads=args.threads,
         max_train_images=args.max_train_images,
-        **{k: pick(k) for k in ("patch", "batch_size", "lr", "aux_lr", "clip", "val_every", "val_images", "ckpt_every", "workers", "seed")},
+        **{
+            k: pick(k)
+            for k in (
+                "patch",
+                "batch_size",
+                "lr",
+                "aux_lr",
+                "clip",
+                "val_every",
+                "val_images",
+                "ckpt_every",
+                "workers",
+                "seed",
+            )
+        },
     )
     rec = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
@@ -83,10 +99,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from clbench.codecs.train import export_checkpoint
+
+    print(export_checkpoint(args.src, args.dst))
+    return 0
+
+
 def add_codec_commands(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``codec`` (with list / info / eval / train) to a top-level sub-parsers object."""
-    codec = subparsers.add_parser("codec", help="codec zoo: list, inspect, evaluate and train codecs")
-    sub = codec.add_subparsers(dest="codec_command", metavar="{list,info,eval,train}")
+    codec = subparsers.add_parser(
+        "codec", help="codec zoo: list, inspect, evaluate and train codecs"
+    )
+    sub = codec.add_subparsers(dest="codec_command", metavar="{list,info,eval,train,export}")
     sub.required = True
 
     p = sub.add_parser("list", help="list registered codecs (built-in and plug-ins)")
@@ -94,7 +119,9 @@ def add_codec_commands(subparsers: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="build a codec from a spec and describe it")
     p.add_argument("spec", help="codec spec, e.g. jpeg:q=30")
-    p.add_argument("--probe", type=int, metavar="PIXELS", help="also round-trip a PIXELSxPIXELS noise image")
+    p.add_argument(
+        "--probe", type=int, metavar="PIXELS", help="also round-trip a PIXELSxPIXELS noise image"
+    )
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser(
@@ -107,14 +134,23 @@ def add_codec_commands(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("benchmark", nargs="?", help="benchmark YAML naming images, curves and anchors")
-    p.add_argument("--codec", action="append", default=[], metavar="SPEC",
-                   help="a curve: a spec whose rate option lists values, e.g. 'jpeg:q=[10,30,50]' "
-                        "(repeatable; LABEL=SPEC names the curve)")
+    p.add_argument(
+        "--codec",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a curve: a spec whose rate option lists values, e.g. 'jpeg:q=[10,30,50]' "
+        "(repeatable; LABEL=SPEC names the curve)",
+    )
     p.add_argument("--images", help="image folder (relative paths are under --data-root)")
-    p.add_argument("--data-root", help="root of the datasets (default: $CLBENCH_DATA_ROOT, else ./data)")
+    p.add_argument(
+        "--data-root", help="root of the datasets (default: $CLBENCH_DATA_ROOT, else ./data)"
+    )
     p.add_argument("--out", help="output folder (default: results/codecs/<benchmark name>)")
     p.add_argument("--anchor", help="curve label that BD-rates are computed against")
-    p.add_argument("--anchors", metavar="DIR", help="folder of published R-D JSONs to plot and compare with")
+    p.add_argument(
+        "--anchors", metavar="DIR", help="folder of published R-D JSONs to plot and compare with"
+    )
     p.add_argument("--limit", type=int, help="only the first N images (quick checks)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -125,13 +161,24 @@ def add_codec_commands(subparsers: Any) -> argparse.ArgumentParser:
         help="R-D training of a learned codec on an image folder",
         description="Train a learned codec (loss: lambda*255^2*MSE + bpp, or the MS-SSIM variant).",
     )
-    p.add_argument("codec", help="codec spec; architecture options allowed, e.g. bmshj2018-factorized:N=128,M=128")
-    p.add_argument("--train", required=True, help="training image folder (relative paths are under --data-root)")
+    p.add_argument(
+        "codec",
+        help="codec spec; architecture options allowed, e.g. bmshj2018-factorized:N=128,M=128",
+    )
+    p.add_argument(
+        "--train",
+        required=True,
+        help="training image folder (relative paths are under --data-root)",
+    )
     p.add_argument("--val", help="validation image folder (center crops)")
     p.add_argument("--data-root", help="root that relative --train/--val paths are under")
-    p.add_argument("--out", required=True, help="run folder for last.pth, best.pth and train_log.json")
+    p.add_argument(
+        "--out", required=True, help="run folder for last.pth, best.pth and train_log.json"
+    )
     p.add_argument("--lambda", dest="lmbda", type=float, help="R-D trade-off lambda")
-    p.add_argument("--quality", type=int, help="use the lambda of CompressAI zoo quality 1..8 instead")
+    p.add_argument(
+        "--quality", type=int, help="use the lambda of CompressAI zoo quality 1..8 instead"
+    )
     p.add_argument("--metric", choices=["mse", "ms-ssim"])
     p.add_argument("--steps", type=int, help="stop after this many steps")
     p.add_argument("--minutes", type=float, help="stop after this much training time (wall)")
@@ -146,10 +193,19 @@ def add_codec_commands(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch threads")
-    p.add_argument("--max-train-images", type=int, help="use a random subset of the training images")
+    p.add_argument(
+        "--max-train-images", type=int, help="use a random subset of the training images"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "export", help="copy a training checkpoint without optimizer state (weights + metadata)"
+    )
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(func=_cmd_export)
     return codec
 
 

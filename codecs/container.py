@@ -98,7 +98,15 @@ def pack(p: Packet) -> bytes:
             MAGIC,
             bytes([VERSION, len(name)]),
             name,
-            struct.pack("<BfHHBH", p.quality, p.lmbda, p.height, p.width, DEVICES.get(p.device, 255), len(shape)),
+            struct.pack(
+                "<BfHHBH",
+                p.quality,
+                p.lmbda,
+                p.height,
+                p.width,
+                DEVICES.get(p.device, 255),
+                len(shape),
+            ),
             shape,
             bytes([len(p.strings)]),
             _varint(len(payload)),
@@ -116,7 +124,9 @@ def unpack(data: bytes, who: str = "learned codec", index: int | None = None) ->
         return CorruptDataError(f"codec {who}:{item} {why}")
 
     if len(data) < 2 or data[:2] != MAGIC:
-        raise bad("is not a clbench learned-codec stream (bad magic); was it encoded by another codec?")
+        raise bad(
+            "is not a clbench learned-codec stream (bad magic); was it encoded by another codec?"
+        )
     try:
         version = data[2]
         if version != VERSION:
@@ -132,7 +142,9 @@ def unpack(data: bytes, who: str = "learned codec", index: int | None = None) ->
     except CorruptDataError:
         raise
     except (IndexError, struct.error, UnicodeDecodeError, ValueError):
-        raise bad(f"is truncated or corrupt: its header cannot be read ({len(data)} bytes)") from None
+        raise bad(
+            f"is truncated or corrupt: its header cannot be read ({len(data)} bytes)"
+        ) from None
     expected = pos + payload_len + 4
     if len(data) != expected:
         raise bad(f"is {len(data)} bytes but its header says {expected}: truncated or padded")
@@ -151,7 +163,9 @@ def unpack(data: bytes, who: str = "learned codec", index: int | None = None) ->
         raise bad("has inconsistent segment lengths") from None
     if pos != end:
         raise bad("has inconsistent segment lengths")
-    return Packet(name, quality, float(lmbda), h, w, _DEVICE_NAMES.get(dev, "other"), shape, strings)
+    return Packet(
+        name, quality, float(lmbda), h, w, _DEVICE_NAMES.get(dev, "other"), shape, strings
+    )
 
 
 def shape_to_json(shape: Any) -> Any:

@@ -73,7 +73,9 @@ def _curve_from(label: str, value: Any, where: str) -> Curve:
     expanded = [p for s in specs for p in expand_spec(s)]
     names = {parse_spec(s)[0] for s in expanded}
     if len(names) > 1:
-        raise ClbenchError(f"{where}: curve {label!r} mixes codecs {sorted(names)}; one codec per curve")
+        raise ClbenchError(
+            f"{where}: curve {label!r} mixes codecs {sorted(names)}; one codec per curve"
+        )
     return Curve(label, expanded)
 
 
@@ -93,13 +95,17 @@ def load_benchmark(path: str | Path) -> Benchmark:
     try:
         doc = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ClbenchError(f"codec benchmark {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ClbenchError(
+            f"codec benchmark {p} is not valid YAML: {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(doc, dict):
         raise ClbenchError(f"codec benchmark {p} must be a mapping")
     known = {"name", "description", "images", "curves", "anchor", "anchors", "compare"}
     unknown = set(doc) - known
     if unknown:
-        raise ClbenchError(f"codec benchmark {p}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
+        raise ClbenchError(
+            f"codec benchmark {p}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}"
+        )
     for key in ("images", "curves"):
         if key not in doc:
             raise ClbenchError(f"codec benchmark {p}: missing {key!r}")
@@ -109,7 +115,9 @@ def load_benchmark(path: str | Path) -> Benchmark:
     compare = doc.get("compare") or []
     for c in compare:
         if not (isinstance(c, dict) and set(c) == {"curve", "published"}):
-            raise ClbenchError(f"codec benchmark {p}: each 'compare' entry needs exactly curve: and published:")
+            raise ClbenchError(
+                f"codec benchmark {p}: each 'compare' entry needs exactly curve: and published:"
+            )
     return Benchmark(
         name=str(doc.get("name", p.stem)),
         images=str(doc["images"]),
@@ -126,7 +134,9 @@ def load_published(folder: str | Path) -> list[Curve]:
     lossy-vae's (results.bpp / results.psnr). Other files are skipped with a note."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ClbenchError(f"anchors folder {folder} does not exist; pass --anchors DIR with published R-D JSONs")
+        raise ClbenchError(
+            f"anchors folder {folder} does not exist; pass --anchors DIR with published R-D JSONs"
+        )
     out = []
     for f in sorted(folder.glob("*.json")):
         try:
@@ -136,12 +146,15 @@ def load_published(folder: str | Path) -> list[Curve]:
             psnr = [float(v) for v in res.get("psnr-rgb", res.get("psnr"))]
             msssim = res.get("ms-ssim-rgb")
         except (ValueError, KeyError, TypeError, AttributeError):
-            print(f"clbench: note: {f.name} is not an R-D JSON with bpp and psnr; skipped", file=sys.stderr)
+            print(
+                f"clbench: note: {f.name} is not an R-D JSON with bpp and psnr; skipped",
+                file=sys.stderr,
+            )
             continue
         c = Curve(label=f.stem, specs=[], published=True)
         c.points = [
             {"bpp": b, "psnr": p, "ms_ssim": float(msssim[i]) if msssim else math.nan}
-            for i, (b, p) in enumerate(zip(bpp, psnr))
+            for i, (b, p) in enumerate(zip(bpp, psnr, strict=False))
         ]
         c.name = doc.get("name", f.stem)  # type: ignore[attr-defined]
         out.append(c)
@@ -166,8 +179,8 @@ def ms_ssim_rgb(a: np.ndarray, b: np.ndarray) -> float:
     import torch
     from pytorch_msssim import ms_ssim
 
-    ta = torch.from_numpy(a).permute(2, 0, 1)[None].float()
-    tb = torch.from_numpy(b).permute(2, 0, 1)[None].float()
+    ta = torch.from_numpy(np.array(a, np.float32)).permute(2, 0, 1)[None]
+    tb = torch.from_numpy(np.array(b, np.float32)).permute(2, 0, 1)[None]
     return float(ms_ssim(ta, tb, data_range=255.0))
 
 
@@ -192,14 +205,16 @@ def measure(curves: list[Curve], images: list[Path], progress: bool = True) -> l
                 codec = codecs[spec]
                 bar.set_postfix_str(codec.spec)
                 point_rows = []
-                for path, img in zip(images, pixels):
+                for path, img in zip(images, pixels, strict=True):
                     t0 = time.perf_counter()
                     data = codec.encode([img])[0]
                     t1 = time.perf_counter()
                     rec = codec.decode([data])[0]
                     t2 = time.perf_counter()
                     if rec.shape != img.shape:
-                        raise ClbenchError(f"codec {codec.spec}: {path.name} decoded to {rec.shape}, not {img.shape}")
+                        raise ClbenchError(
+                            f"codec {codec.spec}: {path.name} decoded to {rec.shape}, not {img.shape}"
+                        )
                     h, w = img.shape[:2]
                     row = {
                         "curve": curve.label,
@@ -244,7 +259,12 @@ def bd_rate(anchor: Curve, test: Curve) -> dict[str, Any]:
 
     ra, da = _rd(anchor)
     rt, dt = _rd(test)
-    out: dict[str, Any] = {"anchor": anchor.label, "curve": test.label, "bd_rate_pct": math.nan, "bd_psnr_db": math.nan}
+    out: dict[str, Any] = {
+        "anchor": anchor.label,
+        "curve": test.label,
+        "bd_rate_pct": math.nan,
+        "bd_psnr_db": math.nan,
+    }
     if len(ra) < 2 or len(rt) < 2 or np.any(np.diff(da) <= 0) or np.any(np.diff(dt) <= 0):
         out["note"] = "needs >= 2 lossy points with distinct PSNR"
         return out
@@ -257,11 +277,22 @@ def bd_rate(anchor: Curve, test: Curve) -> dict[str, Any]:
         return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the overlap is reported in the table instead
-        out["bd_rate_pct"] = float(bd.bd_rate(ra, da, rt, dt, method=BD_METHOD, require_matching_points=False, min_overlap=0))
+        out["bd_rate_pct"] = float(
+            bd.bd_rate(
+                ra, da, rt, dt, method=BD_METHOD, require_matching_points=False, min_overlap=0
+            )
+        )
         order = np.argsort(ra), np.argsort(rt)
         out["bd_psnr_db"] = float(
-            bd.bd_psnr(ra[order[0]], da[order[0]], rt[order[1]], dt[order[1]], method=BD_METHOD,
-                       require_matching_points=False, min_overlap=0)
+            bd.bd_psnr(
+                ra[order[0]],
+                da[order[0]],
+                rt[order[1]],
+                dt[order[1]],
+                method=BD_METHOD,
+                require_matching_points=False,
+                min_overlap=0,
+            )
         )
     return out
 
@@ -274,7 +305,11 @@ def pointwise(ours: Curve, published: Curve) -> list[dict[str, Any]]:
             f"{len(published.points)}; pointwise comparison needs the same rate settings"
         )
     rows = []
-    for a, b in zip(sorted(ours.points, key=lambda p: p["bpp"]), sorted(published.points, key=lambda p: p["bpp"])):
+    for a, b in zip(
+        sorted(ours.points, key=lambda p: p["bpp"]),
+        sorted(published.points, key=lambda p: p["bpp"]),
+        strict=True,
+    ):
         rows.append(
             {
                 "spec": a["spec"],
@@ -318,7 +353,9 @@ def plot_rd(curves: list[Curve], published: list[Curve], path: Path, title: str)
         bpp, psnr = _rd(c)
         if len(bpp):
             order = np.argsort(bpp)
-            ax.plot(bpp[order], psnr[order], "--", lw=1.1, alpha=0.8, label=f"{c.label} (published)")
+            ax.plot(
+                bpp[order], psnr[order], "--", lw=1.1, alpha=0.8, label=f"{c.label} (published)"
+            )
     ax.set_xlabel("bits per pixel (bpp)")
     ax.set_ylabel("PSNR RGB (dB)")
     ax.set_title(title)
@@ -338,7 +375,9 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
-def report_md(bench: Benchmark, curves: list[Curve], bd: list[dict], compares: list[dict], meta: dict) -> str:
+def report_md(
+    bench: Benchmark, curves: list[Curve], bd: list[dict], compares: list[dict], meta: dict
+) -> str:
     lines = [f"# Codec evaluation: {bench.name}", ""]
     if bench.description:
         lines += [bench.description, ""]
@@ -361,8 +400,13 @@ def report_md(bench: Benchmark, curves: list[Curve], bd: list[dict], compares: l
                 f"{_fmt(p['ms_ssim'], 4)} | {_fmt(p['enc_s'] * 1e3, 1)} | {_fmt(p['dec_s'] * 1e3, 1)} |"
             )
     if bd:
-        lines += ["", f"## BD-rate against {bd[0]['anchor']} (negative = fewer bits for the same PSNR)", "",
-                  "| curve | BD-rate % | BD-PSNR dB | PSNR overlap (dB) | overlap | note |", "|---|---:|---:|---|---:|---|"]
+        lines += [
+            "",
+            f"## BD-rate against {bd[0]['anchor']} (negative = fewer bits for the same PSNR)",
+            "",
+            "| curve | BD-rate % | BD-PSNR dB | PSNR overlap (dB) | overlap | note |",
+            "|---|---:|---:|---|---:|---|",
+        ]
         for r in bd:
             rng = r.get("psnr_range")
             lines.append(
@@ -370,16 +414,26 @@ def report_md(bench: Benchmark, curves: list[Curve], bd: list[dict], compares: l
                 f"{f'{rng[0]:.2f}-{rng[1]:.2f}' if rng else ''} | {_fmt(r.get('overlap', math.nan), 2)} | {r.get('note', '')} |"
             )
     for comp in compares:
-        lines += ["", f"## {comp['curve']} vs published {comp['published']}", "",
-                  f"BD-rate {_fmt(comp['bd']['bd_rate_pct'], 3)} %, BD-PSNR {_fmt(comp['bd']['bd_psnr_db'], 4)} dB; "
-                  f"max |Δbpp| {_fmt(comp['max_abs_d_bpp'], 5)}, max |ΔPSNR| {_fmt(comp['max_abs_d_psnr'], 3)} dB", "",
-                  "| spec | bpp | published bpp | Δbpp | PSNR | published PSNR | ΔPSNR |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## {comp['curve']} vs published {comp['published']}",
+            "",
+            f"BD-rate {_fmt(comp['bd']['bd_rate_pct'], 3)} %, BD-PSNR {_fmt(comp['bd']['bd_psnr_db'], 4)} dB; "
+            f"max |Δbpp| {_fmt(comp['max_abs_d_bpp'], 5)}, max |ΔPSNR| {_fmt(comp['max_abs_d_psnr'], 3)} dB",
+            "",
+            "| spec | bpp | published bpp | Δbpp | PSNR | published PSNR | ΔPSNR |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in comp["points"]:
             lines.append(
                 f"| `{r['spec']}` | {r['bpp']:.4f} | {r['bpp_published']:.4f} | {r['d_bpp']:+.5f} | "
                 f"{r['psnr']:.3f} | {r['psnr_published']:.3f} | {r['d_psnr']:+.3f} |"
             )
-    lines += ["", "Files: `summary.csv` (per point), `per_image.csv`, `results.json` (also CompressAI's layout), `rd.png`.", ""]
+    lines += [
+        "",
+        "Files: `summary.csv` (per point), `per_image.csv`, `results.json` (also CompressAI's layout), `rd.png`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -387,7 +441,11 @@ def environment() -> dict[str, Any]:
     import PIL
     from PIL import features
 
-    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "pillow": PIL.__version__}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "pillow": PIL.__version__,
+    }
     for feat in ("libjpeg_turbo", "webp", "avif", "jpg_2000"):
         try:
             env[feat] = features.version(feat)
@@ -406,7 +464,9 @@ def environment() -> dict[str, Any]:
     import torch
 
     env["torch_threads"] = torch.get_num_threads()
-    env["summary"] = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("platform",) and v is not None)
+    env["summary"] = ", ".join(
+        f"{k} {v}" for k, v in env.items() if k not in ("platform",) and v is not None
+    )
     return env
 
 
@@ -419,11 +479,22 @@ def curve_json(c: Curve) -> dict[str, Any]:
         "encoding_time": [p["enc_s"] for p in c.points],
         "decoding_time": [p["dec_s"] for p in c.points],
     }
-    return {"label": c.label, "points": c.points, "compressai": {"name": c.label, "description": "clbench codec eval", "results": res}}
+    return {
+        "label": c.label,
+        "points": c.points,
+        "compressai": {"name": c.label, "description": "clbench codec eval", "results": res},
+    }
 
 
-def run(bench: Benchmark, out: Path, data_root: str | None = None, anchors_dir: str | None = None,
-        limit: int | None = None, progress: bool = True, command: str = "") -> dict[str, Any]:
+def run(
+    bench: Benchmark,
+    out: Path,
+    data_root: str | None = None,
+    anchors_dir: str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
     """Evaluate a benchmark and write its outputs to ``out``; returns the results dict."""
     folder = data_path(bench.images, data_root)
     images = find_images(folder, f"benchmark {bench.name}: image folder")
@@ -436,28 +507,38 @@ def run(bench: Benchmark, out: Path, data_root: str | None = None, anchors_dir: 
     published = load_published(data_path(anchors_dir, data_root)) if anchors_dir else []
     by_label = {c.label: c for c in bench.curves} | {c.label: c for c in published}
     if bench.anchor and bench.anchor not in by_label:
-        raise ClbenchError(f"benchmark {bench.name}: anchor {bench.anchor!r} is not a curve; curves: {', '.join(by_label)}")
+        raise ClbenchError(
+            f"benchmark {bench.name}: anchor {bench.anchor!r} is not a curve; curves: {', '.join(by_label)}"
+        )
     for comp in bench.compare:
         for key in ("curve", "published"):
             if comp[key] not in by_label:
-                raise ClbenchError(f"benchmark {bench.name}: compare {key} {comp[key]!r} is not a curve; curves: {', '.join(by_label)}")
+                raise ClbenchError(
+                    f"benchmark {bench.name}: compare {key} {comp[key]!r} is not a curve; curves: {', '.join(by_label)}"
+                )
 
     rows = measure(bench.curves, images, progress)
 
     bd = []
     if bench.anchor:
         anchor = by_label[bench.anchor]
-        bd = [bd_rate(anchor, c) for c in [*bench.curves, *published] if c is not anchor and not all(p.get("lossless") for p in c.points)]
+        bd = [
+            bd_rate(anchor, c)
+            for c in [*bench.curves, *published]
+            if c is not anchor and not all(p.get("lossless") for p in c.points)
+        ]
     compares = []
     for comp in bench.compare:
         pts = pointwise(by_label[comp["curve"]], by_label[comp["published"]])
-        compares.append({
-            **comp,
-            "points": pts,
-            "max_abs_d_bpp": max(abs(r["d_bpp"]) for r in pts),
-            "max_abs_d_psnr": max(abs(r["d_psnr"]) for r in pts),
-            "bd": bd_rate(by_label[comp["published"]], by_label[comp["curve"]]),
-        })
+        compares.append(
+            {
+                **comp,
+                "points": pts,
+                "max_abs_d_bpp": max(abs(r["d_bpp"]) for r in pts),
+                "max_abs_d_psnr": max(abs(r["d_psnr"]) for r in pts),
+                "bd": bd_rate(by_label[comp["published"]], by_label[comp["curve"]]),
+            }
+        )
     meta = {
         "benchmark": bench.name,
         "command": command,
@@ -465,8 +546,13 @@ def run(bench: Benchmark, out: Path, data_root: str | None = None, anchors_dir: 
         "environment": environment(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    results = {**meta, "curves": [curve_json(c) for c in bench.curves], "bd_rate": bd, "compare": compares,
-               "published": [c.label for c in published]}
+    results = {
+        **meta,
+        "curves": [curve_json(c) for c in bench.curves],
+        "bd_rate": bd,
+        "compare": compares,
+        "published": [c.label for c in published],
+    }
     summary = [{"curve": c.label, **p} for c in bench.curves for p in c.points]
 
     write_text(out / "per_image.csv", _csv(rows))
@@ -485,8 +571,14 @@ def run_eval_command(args: argparse.Namespace) -> int:
             bench.curves = [curve_from_cli(c) for c in args.codec]
     else:
         if not args.codec or not args.images:
-            raise ClbenchError("codec eval: name a benchmark YAML, or give --images and at least one --codec SPEC")
-        bench = Benchmark(name=Path(args.images).name, images=args.images, curves=[curve_from_cli(c) for c in args.codec])
+            raise ClbenchError(
+                "codec eval: name a benchmark YAML, or give --images and at least one --codec SPEC"
+            )
+        bench = Benchmark(
+            name=Path(args.images).name,
+            images=args.images,
+            curves=[curve_from_cli(c) for c in args.codec],
+        )
     if args.images:
         bench.images = args.images
     if args.anchor:
@@ -496,7 +588,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path("results") / "codecs" / bench.name
-    command = shlex.join(["clbench", "codec", "eval", *sys.argv[sys.argv.index("eval") + 1 :]]) if "eval" in sys.argv else ""
+    command = (
+        shlex.join(["clbench", "codec", "eval", *sys.argv[sys.argv.index("eval") + 1 :]])
+        if "eval" in sys.argv
+        else ""
+    )
     res = run(bench, out, args.data_root, args.anchors, args.limit, not args.no_progress, command)
     for c in res["curves"]:
         pts = ", ".join(f"{p['bpp']:.3f} bpp/{p['psnr']:.2f} dB" for p in c["points"][:4])
@@ -504,7 +600,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
     for r in res["bd_rate"]:
         print(f"BD-rate {r['curve']} vs {r['anchor']}: {_fmt(r['bd_rate_pct'], 2)} %")
     for comp in res["compare"]:
-        print(f"{comp['curve']} vs published {comp['published']}: max |dbpp| {comp['max_abs_d_bpp']:.5f}, "
-              f"max |dPSNR| {comp['max_abs_d_psnr']:.3f} dB, BD-rate {_fmt(comp['bd']['bd_rate_pct'], 3)} %")
+        print(
+            f"{comp['curve']} vs published {comp['published']}: max |dbpp| {comp['max_abs_d_bpp']:.5f}, "
+            f"max |dPSNR| {comp['max_abs_d_psnr']:.3f} dB, BD-rate {_fmt(comp['bd']['bd_rate_pct'], 3)} %"
+        )
     print(f"wrote {out}/report.md, summary.csv, per_image.csv, results.json, rd.png")
     return 0

@@ -72,13 +72,19 @@ def read_checkpoint(path: str | os.PathLike, who: str) -> tuple[dict[str, Any], 
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ClbenchError(f"codec {who}: checkpoint {p} does not exist; pass checkpoint=PATH to a .pth file")
+        raise ClbenchError(
+            f"codec {who}: checkpoint {p} does not exist; pass checkpoint=PATH to a .pth file"
+        )
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ClbenchError(f"codec {who}: cannot load checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ClbenchError(
+            f"codec {who}: cannot load checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(ckpt, dict):
-        raise ClbenchError(f"codec {who}: checkpoint {p} holds a {type(ckpt).__name__}, not a state dict")
+        raise ClbenchError(
+            f"codec {who}: checkpoint {p} holds a {type(ckpt).__name__}, not a state dict"
+        )
     meta = ckpt.get("clbench", {}) if isinstance(ckpt.get("clbench"), dict) else {}
     state = ckpt
     for key in ("state_dict", "network", "model_state_dict"):
@@ -126,22 +132,32 @@ class CompressAICodec(Codec):
 
         name, cfg = self.name, self.family_cfg
         if self.metric not in ("mse", "ms-ssim"):
-            raise ClbenchError(f"codec {name}: metric={self.metric!r} is invalid; use mse or ms-ssim")
+            raise ClbenchError(
+                f"codec {name}: metric={self.metric!r} is invalid; use mse or ms-ssim"
+            )
         if self.q is not None:
             valid = sorted(cfgs[name]) if cfg.get("zoo") else None
             if valid is None:
-                raise ClbenchError(f"codec {name}: has no zoo qualities; drop q= and pass checkpoint=PATH or pretrained=false")
+                raise ClbenchError(
+                    f"codec {name}: has no zoo qualities; drop q= and pass checkpoint=PATH or pretrained=false"
+                )
             if self.q not in valid:
                 raise ClbenchError(f"codec {name}: q={self.q!r} is invalid; use one of {valid}")
             self.lmbda = learned_config()["lambdas"][self.metric][self.q - 1]
         if self.pad < cfg["min_pad"] or self.pad % cfg["min_pad"]:
-            raise ClbenchError(f"codec {name}: pad={self.pad} must be a multiple of {cfg['min_pad']}")
+            raise ClbenchError(
+                f"codec {name}: pad={self.pad} must be a multiple of {cfg['min_pad']}"
+            )
         if self.batch < 1:
             raise ClbenchError(f"codec {name}: batch={self.batch} must be >= 1")
         if self.device.startswith("cuda") and not self._torch.cuda.is_available():
-            raise ClbenchError(f"codec {name}: device={self.device} but CUDA is not available; use device=cpu")
+            raise ClbenchError(
+                f"codec {name}: device={self.device} but CUDA is not available; use device=cpu"
+            )
         if self.checkpoint is not None and self.pretrained is False:
-            raise ClbenchError(f"codec {name}: checkpoint= and pretrained=false contradict each other; pass one")
+            raise ClbenchError(
+                f"codec {name}: checkpoint= and pretrained=false contradict each other; pass one"
+            )
         if self.arch_kwargs and self.pretrained is not False:
             raise ClbenchError(
                 f"codec {name}: architecture options {', '.join(self.arch_kwargs)} only apply to a random-init "
@@ -165,7 +181,9 @@ class CompressAICodec(Codec):
                 "or pretrained=false for a random-init model"
             )
         if self.q is None:
-            raise ClbenchError(f"codec {name}: pass q=QUALITY to pick zoo weights (or checkpoint=PATH)")
+            raise ClbenchError(
+                f"codec {name}: pass q=QUALITY to pick zoo weights (or checkpoint=PATH)"
+            )
         cached = zoo_cache_path(name, self.q, self.metric)
         if cached.is_file():
             return self._from_checkpoint(cached, record=False)
@@ -182,12 +200,14 @@ class CompressAICodec(Codec):
         cls = self._model_class()
         kwargs = dict(self.family_cfg.get("defaults", {}))
         if self.q is not None:
-            kwargs.update(zip(("N", "M"), cfgs[self.name][self.q]))
+            kwargs.update(zip(("N", "M"), cfgs[self.name][self.q], strict=False))
         kwargs.update(self.arch_kwargs)
         try:
             model = cls(**kwargs)
         except TypeError as e:
-            raise ClbenchError(f"codec {self.name}: bad architecture options {kwargs}: {e}") from None
+            raise ClbenchError(
+                f"codec {self.name}: bad architecture options {kwargs}: {e}"
+            ) from None
         self.arch_kwargs = kwargs
         return model
 
@@ -219,7 +239,9 @@ class CompressAICodec(Codec):
         from compressai.zoo import image_models
 
         try:
-            return image_models[self.name](quality=self.q, metric=self.metric, pretrained=True, progress=True)
+            return image_models[self.name](
+                quality=self.q, metric=self.metric, pretrained=True, progress=True
+            )
         except Exception as e:
             raise ClbenchError(
                 f"codec {self.name}:q={self.q}: downloading zoo weights failed ({type(e).__name__}: {e}); "
@@ -255,7 +277,9 @@ class CompressAICodec(Codec):
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, im in enumerate(images):
             if im.shape[0] > 0xFFFF or im.shape[1] > 0xFFFF:
-                raise ClbenchError(f"codec {self.spec}: item {i} is larger than 65535 pixels on a side")
+                raise ClbenchError(
+                    f"codec {self.spec}: item {i} is larger than 65535 pixels on a side"
+                )
             by_size[im.shape[:2]].append(i)
         quality = self.q or 0
         lmbda = container.nan_if_none(self.lmbda)
@@ -265,13 +289,21 @@ class CompressAICodec(Codec):
                 for s in range(0, len(idx), self.batch):
                     chunk = idx[s : s + self.batch]
                     x = torch.from_numpy(np.stack([images[i] for i in chunk])).to(self.device)
-                    x = F.pad(x.permute(0, 3, 1, 2).float().div_(255.0), pad, mode="constant", value=0)
+                    x = F.pad(
+                        x.permute(0, 3, 1, 2).float().div_(255.0), pad, mode="constant", value=0
+                    )
                     enc = self.model.compress(x)
                     shape = container.shape_to_json(enc["shape"])
                     for j, i in enumerate(chunk):
                         out[i] = container.pack(
                             container.Packet(
-                                self.name, quality, lmbda, h, w, self._device_kind(), shape,
+                                self.name,
+                                quality,
+                                lmbda,
+                                h,
+                                w,
+                                self._device_kind(),
+                                shape,
                                 [bytes(seg[j]) for seg in enc["strings"]],
                             )
                         )
@@ -289,7 +321,9 @@ class CompressAICodec(Codec):
         groups: dict[tuple[int, int, str, int], list[int]] = defaultdict(list)
         for i, p in enumerate(packets):
             if p.model != self.name:
-                raise CorruptDataError(f"codec {self.spec}: item {i} was encoded by {p.model}; decode it with that codec")
+                raise CorruptDataError(
+                    f"codec {self.spec}: item {i} was encoded by {p.model}; decode it with that codec"
+                )
             if p.device != self._device_kind() and not self.cross_device:
                 raise CorruptDataError(
                     f"codec {self.spec}: item {i} was encoded on {p.device}; CompressAI bitstreams only decode "
@@ -305,7 +339,9 @@ class CompressAICodec(Codec):
                     strings = [[packets[i].strings[k] for i in chunk] for k in range(nseg)]
                     try:
                         x_hat = self.model.decompress(strings, shape)["x_hat"]
-                    except Exception as e:  # a header that passed the CRC but does not fit this model
+                    except (
+                        Exception
+                    ) as e:  # a header that passed the CRC but does not fit this model
                         raise CorruptDataError(
                             f"codec {self.spec}: cannot decode item {chunk[0]}: {type(e).__name__}: {e}; "
                             "was it encoded with other weights or another pad=?"
@@ -318,7 +354,15 @@ class CompressAICodec(Codec):
                         )
                     _, unpad = compute_padding(h, w, out_h=hp, out_w=wp)
                     x_hat = F.pad(x_hat, unpad)
-                    pix = x_hat.clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                    pix = (
+                        x_hat.clamp_(0, 1)
+                        .mul_(255)
+                        .round_()
+                        .to(torch.uint8)
+                        .permute(0, 2, 3, 1)
+                        .cpu()
+                        .numpy()
+                    )
                     for j, i in enumerate(chunk):
                         out[i] = pix[j]
         return out  # type: ignore[return-value]
@@ -329,11 +373,22 @@ def _register_all() -> None:
         cls = type(
             "".join(p.capitalize() for p in name.replace("-", " ").split()) + "Codec",
             (CompressAICodec,),
-            {"name": name, "family_cfg": cfg, "__doc__": cfg.get("doc", ""), "__module__": __name__},
+            {
+                "name": name,
+                "family_cfg": cfg,
+                "__doc__": cfg.get("doc", ""),
+                "__module__": __name__,
+            },
         )
         register_codec(name)(cls)
 
 
 _register_all()
 
-__all__ = ["CHECKPOINT_FORMAT", "CompressAICodec", "read_checkpoint", "zoo_cache_path", "zoo_filename"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CompressAICodec",
+    "read_checkpoint",
+    "zoo_cache_path",
+    "zoo_filename",
+]

@@ -39,10 +39,14 @@ class RawCodec(Codec):
             raise CorruptDataError("codec raw: not a raw-codec bytes object (bad magic)")
         _, version, h, w = _HEADER.unpack_from(data)
         if version != _VERSION:
-            raise CorruptDataError(f"codec raw: format version {version} is unknown (this clbench reads {_VERSION})")
+            raise CorruptDataError(
+                f"codec raw: format version {version} is unknown (this clbench reads {_VERSION})"
+            )
         n = h * w * 3
         if len(data) != _HEADER.size + n:
-            raise CorruptDataError(f"codec raw: {len(data)} bytes for a {w}x{h} image, expected {_HEADER.size + n} (truncated?)")
+            raise CorruptDataError(
+                f"codec raw: {len(data)} bytes for a {w}x{h} image, expected {_HEADER.size + n} (truncated?)"
+            )
         return np.frombuffer(data, np.uint8, count=n, offset=_HEADER.size).reshape(h, w, 3).copy()
 
     def decode_batch(self, data: list[bytes]) -> list[np.ndarray]:

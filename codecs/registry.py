@@ -66,12 +66,16 @@ def get_codec(spec: str | Codec) -> Codec:
     try:
         inspect.signature(factory).bind(**opts)
     except TypeError as e:
-        raise ClbenchError(f"codec spec {spec!r}: {e}; {name} takes: {_accepted(factory)}") from None
+        raise ClbenchError(
+            f"codec spec {spec!r}: {e}; {name} takes: {_accepted(factory)}"
+        ) from None
     except ValueError:  # no introspectable signature: let the call decide
         pass
     codec = factory(**opts)
     if not isinstance(codec, Codec):
-        raise ClbenchError(f"codec {name!r} built a {type(codec).__name__}, not a clbench.codecs.Codec")
+        raise ClbenchError(
+            f"codec {name!r} built a {type(codec).__name__}, not a clbench.codecs.Codec"
+        )
     if not codec.name:
         codec.name = name
     return codec

@@ -68,9 +68,13 @@ class TrainConfig:
         if self.steps is None and self.minutes is None:
             raise ClbenchError("codec train: give --steps or --minutes (or both) to bound the run")
         if self.metric not in ("mse", "ms-ssim"):
-            raise ClbenchError(f"codec train: --metric {self.metric} is invalid; use mse or ms-ssim")
+            raise ClbenchError(
+                f"codec train: --metric {self.metric} is invalid; use mse or ms-ssim"
+            )
         if self.metric == "ms-ssim" and self.patch <= 160:
-            raise ClbenchError(f"codec train: MS-SSIM needs crops larger than 160 pixels; --patch {self.patch} is too small")
+            raise ClbenchError(
+                f"codec train: MS-SSIM needs crops larger than 160 pixels; --patch {self.patch} is too small"
+            )
         if not (self.lmbda > 0 and math.isfinite(self.lmbda)):
             raise ClbenchError(f"codec train: lambda {self.lmbda} must be a positive number")
         for key in ("patch", "batch_size", "val_every", "ckpt_every"):
@@ -140,9 +144,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     out = Path(cfg.out)
     last, best = out / "last.pth", out / "best.pth"
     if resume and not last.is_file():
-        raise ClbenchError(f"codec train: --resume but {last} does not exist; drop --resume to start a new run")
+        raise ClbenchError(
+            f"codec train: --resume but {last} does not exist; drop --resume to start a new run"
+        )
     if not resume and last.is_file():
-        raise ClbenchError(f"codec train: {out} already holds a run; pass --resume to continue it or choose another --out")
+        raise ClbenchError(
+            f"codec train: {out} already holds a run; pass --resume to continue it or choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
 
     name, opts = _training_spec(cfg.codec)
@@ -151,7 +159,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     codec = get_codec(format_spec(name, opts))
     model = getattr(codec, "model", None)
     if model is None or not hasattr(model, "aux_loss"):
-        raise ClbenchError(f"codec {name} is not trainable: it has no CompressAI-style model (forward + aux_loss)")
+        raise ClbenchError(
+            f"codec {name} is not trainable: it has no CompressAI-style model (forward + aux_loss)"
+        )
     model.train()
     optims = net_aux_optimizer(
         model, {"net": {"type": "Adam", "lr": cfg.lr}, "aux": {"type": "Adam", "lr": cfg.aux_lr}}
@@ -169,14 +179,25 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             )
         optims["net"].load_state_dict(ckpt["optimizer"])
         optims["aux"].load_state_dict(ckpt["aux_optimizer"])
-        state.update(step=meta["step"], elapsed=meta["elapsed"], history=meta["history"], best_val=meta["best_val"])
+        state.update(
+            step=meta["step"],
+            elapsed=meta["elapsed"],
+            history=meta["history"],
+            best_val=meta["best_val"],
+        )
         torch.set_rng_state(ckpt["rng"])
 
     train_set = CropFolder(cfg.train_dir, cfg.patch, True, cfg.max_train_images, cfg.seed)
-    val_set = CropFolder(cfg.val_dir, cfg.patch, False, cfg.val_images, cfg.seed) if cfg.val_dir else None
+    val_set = (
+        CropFolder(cfg.val_dir, cfg.patch, False, cfg.val_images, cfg.seed) if cfg.val_dir else None
+    )
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) >= cfg.batch_size,
-        num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) >= cfg.batch_size,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
     )
 
     def checkpoint(path: Path) -> None:
@@ -223,11 +244,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         model.train()
         rec = {k: v / n for k, v in sums.items()}
         rec["psnr"] = _psnr(rec["mse"])
-        rec.update(step=state["step"], elapsed=round(state["elapsed"], 1), aux=float(model.aux_loss()))
+        rec.update(
+            step=state["step"],
+            elapsed=round(state["elapsed"], 1),
+            aux=float(model.aux_loss().detach()),
+        )
         return rec
 
     def log_validation() -> dict[str, Any]:
-        rec = validate() if val_set is not None else {"step": state["step"], "elapsed": round(state["elapsed"], 1)}
+        rec = (
+            validate()
+            if val_set is not None
+            else {"step": state["step"], "elapsed": round(state["elapsed"], 1)}
+        )
         state["history"].append(rec)
         write_json(out / "train_log.json", {"config": asdict(cfg), "history": state["history"]})
         if "loss" in rec and rec["loss"] < state["best_val"]:
@@ -236,7 +265,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         return rec
 
     budget = cfg.minutes * 60 if cfg.minutes is not None else math.inf
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {name} λ={cfg.lmbda}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=state["step"],
+        desc=f"train {name} λ={cfg.lmbda}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     running: dict[str, float] = {}
     done = False
     while not done:
@@ -254,20 +289,31 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             optims["aux"].step()
             state["step"] += 1
             state["elapsed"] += time.perf_counter() - t0
-            for k, v in (("loss", res["loss"]), ("bpp", res["bpp_loss"]), ("mse", res.get("mse_loss"))):
+            for k, v in (
+                ("loss", res["loss"]),
+                ("bpp", res["bpp_loss"]),
+                ("mse", res.get("mse_loss")),
+            ):
                 if v is not None:  # exponential moving averages for the progress bar
                     v = float(v.detach())
                     running[k] = 0.98 * running.get(k, v) + 0.02 * v
             bar.update(1)
             if "mse" in running:
-                bar.set_postfix(loss=f"{running['loss']:.3f}", bpp=f"{running['bpp']:.3f}", psnr=f"{_psnr(running['mse']):.2f}")
+                bar.set_postfix(
+                    loss=f"{running['loss']:.3f}",
+                    bpp=f"{running['bpp']:.3f}",
+                    psnr=f"{_psnr(running['mse']):.2f}",
+                )
             step = state["step"]
             done = (cfg.steps is not None and step >= cfg.steps) or state["elapsed"] >= budget
             if done:
                 break
             if step % cfg.val_every == 0:
                 rec = log_validation()
-                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float)))
+                bar.write(
+                    f"step {step}: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float))
+                )
             if step % cfg.ckpt_every == 0:
                 checkpoint(last)
     bar.close()
@@ -282,5 +328,22 @@ def lambda_for_quality(quality: int, metric: str = "mse") -> float:
     """The λ CompressAI used for zoo quality ``quality``."""
     table = learned_config()["lambdas"][metric]
     if not 1 <= quality <= len(table):
-        raise ClbenchError(f"codec train: --quality {quality} is invalid; use 1..{len(table)} or --lambda")
+        raise ClbenchError(
+            f"codec train: --quality {quality} is invalid; use 1..{len(table)} or --lambda"
+        )
     return float(table[quality - 1])
+
+
+def export_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Copy a training checkpoint without optimizer and RNG state (weights + metadata
+    only: a third of the size, still loadable as NAME:checkpoint=DST)."""
+    import torch
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise ClbenchError(f"codec export: checkpoint {src} does not exist")
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    if "state_dict" not in ckpt or "clbench" not in ckpt:
+        raise ClbenchError(f"codec export: {src} is not a `clbench codec train` checkpoint")
+    _save(dst, {"clbench": ckpt["clbench"], "state_dict": ckpt["state_dict"]})
+    return dst

@@ -1,0 +1,42 @@
+"""Tiny generated images for the codec tests (no test reads real data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A natural-ish uint8 RGB image: gradients, a few sinusoids, an edge and mild noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    chans = []
+    for c in range(3):
+        fx, fy, ph = rng.uniform(0.02, 0.15, 2).tolist() + [rng.uniform(0, 6.28)]
+        v = (
+            128
+            + 60 * np.sin(fx * xx + fy * yy + ph)
+            + 40 * (xx / w - 0.5)
+            + 30 * (yy / h - 0.5) * (c - 1)
+        )
+        v += np.where(xx > w * 0.6, 25.0, -25.0)
+        chans.append(v)
+    img = np.stack(chans, -1) + rng.normal(0, 2.0, (h, w, 3))
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def batch(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.stack([smooth_image(h, w, seed + i) for i in range(n)])
+
+
+def write_pngs(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
+    """Write one PNG per (h, w) size into ``folder`` and return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        p = folder / f"img{i:02d}.png"
+        Image.fromarray(smooth_image(h, w, seed + i)).save(p)
+        paths.append(p)
+    return paths
