@@ -128,3 +128,24 @@ def test_ranpac_head_is_the_ridge_solution_of_accumulated_statistics():
     assert s.ridge == 1.0
     w = torch.linalg.solve(h.T @ h + torch.eye(h.shape[1]), h.T @ y)
     assert torch.allclose(s.W, w, atol=1e-4, rtol=1e-3)
+
+
+def test_inflora_designs_down_projections_outside_earlier_subspace():
+    s = build("inflora")
+    exps, _ = make_experiences()
+    s.train_experience(exps[0])
+    m = s.qkvs[0]
+    a0 = m.downs[0][0]  # [r, C]
+    assert torch.allclose(a0 @ a0.T, torch.eye(4) / 3, atol=1e-5)  # singular vectors / sqrt(3)
+    b0 = m.ups[0].detach().clone()
+    assert torch.count_nonzero(b0) > 0 and not m.ups[0].requires_grad
+    bases0, kinds0 = [b.clone() for b in s.bases], list(s.kinds)
+    s.train_experience(exps[1])
+    assert torch.equal(m.ups[0], b0)  # earlier tasks' B frozen
+    for q, base, kind in zip(s.qkvs, bases0, kinds0, strict=True):
+        a1 = q.downs[1][0].double()  # designed from the covariance projected by base
+        inside = a1 @ base @ base.T
+        residual = inside if kind == "remove" else a1 - inside
+        assert residual.abs().max() < 1e-5, kind
+    # B of k and v in 4 blocks (2 x 64 x 4 each) + the task's head (64 x 2 + 2)
+    assert s.trainable_params() == 4 * 2 * 64 * 4 + 64 * 2 + 2
