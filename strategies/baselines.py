@@ -108,6 +108,11 @@ class Joint(ModelStrategy):
     def resume(self, finished: list[Experience]) -> None:
         self.seen = [e.dataset for e in finished]
 
+    def memory(self) -> dict[str, Any]:
+        # the upper bound keeps every training image seen so far (as raw uint8 pixels)
+        n = sum(len(d) for d in self.seen)
+        return {**super().memory(), "buffer_bytes": n * 3 * self.ctx.image_size**2, "exemplars": n}
+
 
 class _PreviousModel(ModelStrategy):
     """Keeps a frozen copy of the model after each experience (LwF's teacher)."""

@@ -243,3 +243,41 @@ def test_data_root_env(monkeypatch, tmp_path):
     monkeypatch.setenv("CLBENCH_DATA_ROOT", str(tmp_path))
     assert resolve_data_root(None) == Path(tmp_path)
     assert resolve_data_root("/x") == Path("/x")
+
+
+# -- the shipped benchmark files --------------------------------------------------------------
+def _benchmarks():
+    from clbench.config import BENCHMARKS_DIR
+
+    return sorted(p.stem for p in BENCHMARKS_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", _benchmarks())
+def test_every_benchmark_file_validates(name):
+    from clbench.strategies.base import STRATEGIES
+
+    cfg = load_config(name)
+    assert set(cfg.strategies) <= set(STRATEGIES.names())
+    assert set(cfg.strategy_params) <= set(STRATEGIES.names())
+
+
+def test_cifar100_benchmark_on_a_fixture_in_torchvision_format(tmp_path):
+    from fixtures_datasets import write_cifar100
+
+    write_cifar100(tmp_path, [f"c{i:03d}" for i in range(100)], per_class=(2, 1))
+    sc = build_scenario(load_config("cifar100"), tmp_path)
+    assert sc.num_classes == 100 and len(sc.train_stream) == 10 and sc.image_size == 32
+    assert sc.class_order[:5] == [68, 56, 78, 8, 23]  # PyCIL's seed-1993 order
+    assert sum(len(e.dataset) for e in sc.train_stream) == 200
+
+
+def test_food101_style_split_keeps_all_101_classes(tmp_path):
+    from fixtures_datasets import write_food101
+
+    write_food101(tmp_path, [f"food{i:03d}" for i in range(101)], per_class=(1, 1))
+    cfg = load_config("food101", ["dataset.image_size=16"])
+    sc = build_scenario(cfg, tmp_path)
+    assert [len(c) for c in sc.experience_classes] == [11] + [10] * 9
+    assert sum(len(e.dataset) for e in sc.test_stream) == 101
+    x, _, _ = sc.train_stream[0].dataset.eval()[0]
+    assert x.shape == (3, 16, 16)
