@@ -150,40 +150,64 @@ class ExemplarBuffer:
         images_by_class: dict[int, Sequence[np.ndarray]],
         extras_by_class: dict[int, Sequence[Tensor]] | None = None,
     ) -> None:
-        """Add new classes (images already in rank order) and shrink old ones to fit."""
-        num_classes = len(set(self.payloads) | set(images_by_class))
+        """Add new classes (uint8 HWC images already in rank order), encoding them."""
+        _, count_share = self._shares(len(set(self.payloads) | set(images_by_class)))
+        encoded = {}
+        for c, imgs in images_by_class.items():
+            imgs = list(imgs if count_share is None else imgs[:count_share])
+            encoded[c] = self.storage.encode(imgs) if imgs else []
+        self.add_encoded(encoded, extras_by_class)
+
+    def add_encoded(
+        self,
+        payloads_by_class: dict[int, Sequence[Any]],
+        extras_by_class: dict[int, Sequence[Tensor]] | None = None,
+    ) -> None:
+        """Add new classes as payloads in rank order; shrink old classes to the new share."""
+        num_classes = len(set(self.payloads) | set(payloads_by_class))
         byte_share, count_share = self._shares(num_classes)
-        for c in list(self.payloads):  # shrink old classes to the new, smaller share
+        for c in list(self.payloads):
             k = self._fit(self.payloads[c], byte_share, count_share)
             self.payloads[c] = self.payloads[c][:k]
             if c in self.extras:
                 self.extras[c] = self.extras[c][:k]
-        for c, imgs in images_by_class.items():
-            if count_share is not None:
-                imgs = imgs[:count_share]
-            encoded = self.storage.encode(list(imgs)) if len(imgs) else []
-            k = self._fit(encoded, byte_share, count_share)
-            self.payloads[c] = encoded[:k]
+        for c, payloads in payloads_by_class.items():
+            k = self._fit(list(payloads), byte_share, count_share)
+            self.payloads[c] = list(payloads[:k])
             if extras_by_class is not None:
                 self.extras[c] = list(extras_by_class[c][:k])
         self._cache = None
 
     # -- reading ---------------------------------------------------------------------------
+    def ordered(self) -> tuple[list[Any], Tensor]:
+        """All payloads (class by class, rank order) and their labels."""
+        payloads, labels = [], []
+        for c in self.classes:
+            payloads += self.payloads[c]
+            labels += [c] * len(self.payloads[c])
+        return payloads, torch.tensor(labels, dtype=torch.long)
+
+    def decode(self, payloads: Sequence[Any]) -> Tensor:
+        """Payloads -> uint8 NCHW (same-size images, as exemplars of one scenario are)."""
+        if not len(payloads):
+            return torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+        imgs = np.stack(self.storage.decode(list(payloads)))
+        return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+
     def tensors(self) -> tuple[Tensor, Tensor]:
-        """Decoded exemplars as (uint8 NCHW, labels); cached until the buffer changes."""
-        if self._cache is None:
-            labels, payloads = [], []
-            for c in self.classes:
-                payloads += self.payloads[c]
-                labels += [c] * len(self.payloads[c])
-            if not payloads:
-                return torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-            imgs = np.stack(self.storage.decode(payloads))
-            self._cache = (
-                torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(),
-                torch.tensor(labels, dtype=torch.long),
-            )
-        return self._cache
+        """Decoded exemplars as (uint8 NCHW, labels).
+
+        Raw payloads ARE the pixels, so their stacked copy is cached; a codec's exemplars
+        are decoded anew on every call (a cache of decoded pixels would hold more bytes
+        than the budget counts).
+        """
+        if self._cache is not None:
+            return self._cache
+        payloads, labels = self.ordered()
+        out = (self.decode(payloads), labels)
+        if isinstance(self.storage, RawStorage):
+            self._cache = out
+        return out
 
     def extras_tensor(self) -> Tensor:
         return torch.stack([t for c in self.classes for t in self.extras.get(c, [])])
@@ -214,13 +238,33 @@ class ExemplarBuffer:
 
 
 class _BufferDataset(Dataset):
+    """The buffer as a dataset of ``(x, label, 0)``.
+
+    Codec payloads are decoded per batch through ``__getitems__`` (which torch's DataLoader
+    calls with a whole batch of indices), so a learned codec batches its network passes
+    and decoding runs in loader workers when ``num_workers > 0``.
+    """
+
     def __init__(self, buffer: ExemplarBuffer, transform: Callable | None):
-        self.x, self.y = buffer.tensors()
+        self.buffer = buffer
+        self.raw = isinstance(buffer.storage, RawStorage)
+        if self.raw:
+            self.x, self.y = buffer.tensors()
+        else:
+            self.payloads, self.y = buffer.ordered()
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.y)
 
+    def _items(self, x: Tensor, idx: Sequence[int]) -> list[tuple[Tensor, int, int]]:
+        tf = self.transform
+        return [((tf(xi) if tf else xi), int(self.y[i]), 0) for xi, i in zip(x, idx, strict=True)]
+
+    def __getitems__(self, idx: Sequence[int]) -> list[tuple[Tensor, int, int]]:
+        if self.raw:
+            return self._items(self.x[list(idx)], idx)
+        return self._items(self.buffer.decode([self.payloads[i] for i in idx]), idx)
+
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
-        x = self.x[i]
-        return (self.transform(x) if self.transform else x), int(self.y[i]), 0
+        return self.__getitems__([i])[0]

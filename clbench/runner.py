@@ -202,7 +202,7 @@ def run_one(
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     strategy = build_strategy(cfg, strategy_name, scenario, seed, device, progress)
-    test_sets = [e.dataset.eval() for e in scenario.test_stream]
+    test_sets = [e.dataset for e in scenario.test_stream]
     experiences = [
         Experience(index=i, classes=scenario.experience_classes[i], dataset=e.dataset, avalanche=e)
         for i, e in enumerate(scenario.train_stream)
@@ -228,7 +228,8 @@ def run_one(
         row: list[float | None] = [None] * T
         correct_all = total_all = 0
         for j in range(exp.index + 1):
-            c, n = evaluate(strategy, test_sets[j], cfg.train.eval_batch_size, device)
+            data = strategy.eval_view(test_sets[j])
+            c, n = evaluate(strategy, data, cfg.train.eval_batch_size, device)
             row[j] = c / n if n else 0.0
             correct_all, total_all = correct_all + c, total_all + n
         st.matrix.append(row)
@@ -284,6 +285,7 @@ def _record(cfg, scenario, strategy, name, seed, st: RunState, prov, wall0, T) -
             # a partial record's metrics cover the experiences finished so far
             **derived_metrics([r[: st.done] for r in st.matrix], st.accuracy_seen),
         },
+        "strategy_report": strategy.report(),
         "costs": {
             "wall_time_s": time.perf_counter() - wall0,
             "train_time_s": st.train_time,

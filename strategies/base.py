@@ -41,6 +41,7 @@ STRATEGIES: Registry[type[Strategy]] = Registry(
     builtins=(
         "clbench.strategies.baselines",
         "clbench.strategies.replay",
+        "clbench.strategies.compressed_replay",
         "clbench.strategies.cl_lora",
         "clbench.strategies.ptm",
     ),
@@ -202,6 +203,15 @@ class Strategy(ABC):
         """After ``load_state_dict`` on resume: the experiences already learned, for
         strategies that keep views of the scenario's data (joint) instead of copies."""
         return None
+
+    def eval_view(self, dataset: Any) -> Dataset:
+        """The test data as this strategy's deployed model sees it (an Avalanche dataset
+        with transform groups in, a torch Dataset of eval-transformed items out)."""
+        return dataset.eval()
+
+    def report(self) -> dict[str, Any]:
+        """Decisions worth recording in the run record (e.g. a codec selection table)."""
+        return {}
 
     def trainable_params(self) -> int:
         """Parameters the strategy trained on the last experience."""

@@ -44,8 +44,13 @@ class ModelStrategy(Strategy):
         if self.train_cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
+    def new_data(self, exp: Experience, group: str = "train") -> Dataset:
+        """The experience's new data as this strategy sees it (compressed replay may
+        pre-process it through its codec)."""
+        return exp.data(group)
+
     def training_data(self, exp: Experience) -> Dataset:
-        return exp.data("train")
+        return self.new_data(exp)
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(self.model(x, self.n_seen), y)
@@ -195,7 +200,7 @@ class EWC(ModelStrategy):
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         self.model.eval()  # Fisher at the solution, BatchNorm statistics frozen
         batches = 0
-        for batch in self.loader(exp.data("eval")):
+        for batch in self.loader(self.new_data(exp, "eval")):
             x, y = self.to_device(batch[0]), batch[1].to(self.device)
             self.model.zero_grad(set_to_none=True)
             F.cross_entropy(self.model(x, self.n_seen), y).backward()

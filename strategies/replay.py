@@ -87,27 +87,30 @@ class BufferStrategy(ModelStrategy):
             storage=make_storage(self.params.get("codec")),
         )
 
-    def rank(self, exp: Experience, cls: int, idx: np.ndarray) -> np.ndarray:
-        """Order in which class ``cls``'s training items enter the buffer."""
-        selection = self.params.get("selection", "random")
-        if selection == "herding":
-            feats, _ = self.extract(
-                self.model.features, torch.utils.data.Subset(exp.data("eval"), idx)
-            )
-            feats = F.normalize(feats, dim=1)
-            return idx[herding_order(feats)]
-        return idx[torch.randperm(len(idx)).numpy()]
+    def rank(self, payloads: list[Any]) -> np.ndarray:
+        """Order in which a class's items enter the buffer: random, or herding on the
+        features of the DECODED images (what replay will actually show the model)."""
+        if self.params.get("selection", "random") != "herding":
+            return torch.randperm(len(payloads)).numpy()
+        x = self.buffer.decode(payloads)
+        tf = self.ctx.transforms.get("eval")
+        feats, _ = self.extract(self.model.features, _Transformed(x, torch.zeros(len(x)), tf))
+        return herding_order(F.normalize(feats, dim=1))
 
     def update_buffer(self, exp: Experience) -> None:
         raw = exp.data("raw")
-        targets = np.asarray(raw.targets)
-        ranked: dict[int, list[np.ndarray]] = {}
+        targets = np.asarray(list(raw.targets))
+        cap = self.buffer.max_exemplars
+        ranked: dict[int, list[Any]] = {}
         for c in exp.classes:
-            order = self.rank(exp, c, np.flatnonzero(targets == c))
-            cap = self.buffer.max_exemplars
-            order = order[: cap // len(exp.seen_classes)] if cap else order
-            ranked[c] = [raw[int(i)][0].permute(1, 2, 0).numpy() for i in order]
-        self.buffer.add_classes(ranked)
+            idx = np.flatnonzero(targets == c)
+            images = [raw[int(i)][0].permute(1, 2, 0).numpy() for i in idx]
+            payloads = self.buffer.storage.encode(images)  # real bitstreams, ranked below
+            order = self.rank(payloads)
+            if cap:
+                order = order[: cap // len(exp.seen_classes)]
+            ranked[c] = [payloads[i] for i in order]
+        self.buffer.add_encoded(ranked)
 
     def memory_loader(self) -> DataLoader | None:
         if len(self.buffer) == 0:
@@ -119,7 +122,7 @@ class BufferStrategy(ModelStrategy):
 
     def memory(self) -> dict[str, Any]:
         n = len(self.buffer)
-        pixels = sum(int(np.prod(x.shape[-2:])) for x in self.buffer.tensors()[0]) if n else 0
+        pixels = n * self.ctx.image_size**2  # exemplars share the scenario's input size
         return {
             **super().memory(),
             "buffer_bytes": self.buffer.nbytes(),
@@ -140,7 +143,7 @@ class ExperienceReplay(BufferStrategy):
     def train_experience(self, exp: Experience) -> None:
         self.n_seen = len(exp.seen_classes)
         self.model.train()
-        loader = ReplayLoader(self.loader(exp.data("train")), self.memory_loader())
+        loader = ReplayLoader(self.loader(self.new_data(exp)), self.memory_loader())
         self.fit(loader, self.loss, list(self.model.parameters()), exp.index)
         self.model.eval()
         self.after_experience(exp)
@@ -153,7 +156,7 @@ class DER(BufferStrategy):
     def train_experience(self, exp: Experience) -> None:
         self.n_seen = len(exp.seen_classes)
         self.model.train()
-        data = self.loader(exp.data("train"))
+        data = self.loader(self.new_data(exp))
         mem = None
         if len(self.buffer):
             logits = self.buffer.extras_tensor()
@@ -183,7 +186,7 @@ class DER(BufferStrategy):
         super().update_buffer(exp)
         # (re)compute stored logits only for the new classes' exemplars (DER keeps old ones)
         x, y = self.buffer.tensors()
-        new = torch.isin(y, torch.tensor(exp.classes))
+        new = torch.isin(y, torch.tensor(exp.classes))  # decoded once here, then released
         tf = self.ctx.transforms.get("eval")
         xs = torch.stack([tf(im) for im in x[new]]) if new.any() else x[:0].float()
         with torch.no_grad():
@@ -266,9 +269,9 @@ class ICaRL(BufferStrategy):
 
     def training_data(self, exp: Experience) -> Dataset:
         if len(self.buffer) == 0:
-            return exp.data("train")
+            return self.new_data(exp)
         return ConcatDataset(
-            [exp.data("train"), self.buffer.dataset(self.ctx.transforms.get("train"))]
+            [self.new_data(exp), self.buffer.dataset(self.ctx.transforms.get("train"))]
         )
 
     def after_experience(self, exp: Experience) -> None:

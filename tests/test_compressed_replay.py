@@ -1,0 +1,247 @@
+"""Compressed-exemplar replay: byte accounting, capacity, herding on decoded images,
+codec selection, pre-processing, resume, and a third-party codec end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from clbench.config import load_config
+from clbench.errors import ConfigError
+from clbench.memory import CodecStorage, ExemplarBuffer, RawStorage
+from clbench.runner import build_strategy, run_one
+from clbench.scenarios import build_scenario
+from clbench.strategies.base import Experience
+from clbench.strategies.replay import herding_order
+
+FAST = ["train.epochs=2", "backbone.kwargs.hidden=32", "train.threads=1"]
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> list[np.ndarray]:
+    """Natural-ish images (smooth gradients + noise) so that JPEG has something to do."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        a, b, c = rng.uniform(0, 1, 3)
+        base = np.stack([a * xx + b * yy, b * xx + c * yy, c * xx + a * yy], -1) * 200
+        out.append(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.fixture(scope="module")
+def smooth():
+    """A 4-class scenario of 32x32 smooth images (registered as a test dataset), where
+    JPEG beats PNG on size, so the selection rule has a real trade-off to make."""
+    from clbench.data import ImageSet
+    from clbench.datasets import DATASETS, register_dataset
+
+    if "smooth32-test" not in DATASETS:
+
+        @register_dataset("smooth32-test")
+        def _load(root, *, download=False, variant=None):
+            imgs = np.stack(smooth_images(80))
+            labels = np.arange(80) % 4
+            classes = ["a", "b", "c", "d"]
+            return (
+                ImageSet(labels[:60], classes, images=imgs[:60]),
+                ImageSet(labels[60:], classes, images=imgs[60:]),
+            )
+
+    cfg = load_config(
+        {
+            "name": "smooth",
+            "dataset": {"name": "smooth32-test"},
+            "scenario": {"split": "B2Inc2", "class_order": "sorted"},
+            "backbone": {"name": "small_cnn", "kwargs": {"width": 8}},
+            "train": {"epochs": 1, "threads": 1, "amp": "off"},
+        }
+    )
+    return cfg, build_scenario(cfg)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    cfg = load_config("digits", FAST)
+    return cfg, build_scenario(cfg)
+
+
+def test_byte_accounting_is_exact_and_bounded():
+    storage = CodecStorage("jpeg:q=50")
+    budget = 20_000
+    buf = ExemplarBuffer(budget_bytes=budget, storage=storage)
+    for c in range(0, 6, 2):
+        buf.add_classes({c: smooth_images(30, seed=c), c + 1: smooth_images(30, seed=c + 1)})
+        stored = sum(len(p) for ps in buf.payloads.values() for p in ps)
+        assert buf.payload_bytes() == stored
+        assert buf.nbytes() == stored + 8 * len(buf) <= budget
+        assert all(isinstance(p, bytes) for ps in buf.payloads.values() for p in ps)
+        per_class = budget // len(buf.classes)
+        for ps in buf.payloads.values():  # each class within its share
+            assert sum(len(p) + 8 for p in ps) <= per_class
+
+
+def test_capacity_ratio_matches_measured_bpp():
+    images = smooth_images(200)
+    budget = 100_000
+    raw = ExemplarBuffer(budget_bytes=budget, storage=RawStorage())
+    jpg = ExemplarBuffer(budget_bytes=budget, storage=CodecStorage("jpeg:q=50"))
+    raw.add_classes({0: images})
+    jpg.add_classes({0: images})
+    mean_bytes = np.mean([len(b) for b in jpg.payloads[0]])
+    expected = (32 * 32 * 3 + 8) / (mean_bytes + 8)
+    assert len(jpg) / len(raw) == pytest.approx(expected, rel=0.05)
+    assert len(jpg) > 4 * len(raw)
+
+
+def test_herding_ranks_the_decoded_images(digits):
+    cfg, sc = digits
+    c = load_config(
+        "digits",
+        [*FAST, "strategy_params={er-compressed: {codec: 'jpeg:q=10', selection: herding}}"],
+    )
+    strat = build_strategy(c, "er-compressed", sc, 0, torch.device("cpu"), False)
+    images = smooth_images(12, size=8)
+    payloads = strat.buffer.storage.encode(images)
+    decoded = strat.buffer.decode(payloads)
+    tf = sc.transforms["eval"]
+    with torch.no_grad():
+        feats = strat.model.features(torch.stack([tf(x) for x in decoded]))
+        orig = strat.model.features(
+            torch.stack([tf(torch.from_numpy(i).permute(2, 0, 1)) for i in images])
+        )
+    expect = herding_order(torch.nn.functional.normalize(feats, dim=1))
+    assert np.array_equal(strat.rank(payloads), expect)
+    assert not torch.allclose(feats, orig)  # the case distinguishes decoded from original
+
+
+def _first_experience(sc) -> Experience:
+    e = sc.train_stream[0]
+    return Experience(index=0, classes=sc.experience_classes[0], dataset=e.dataset, avalanche=e)
+
+
+@pytest.mark.parametrize("tol,expected", [(0.0, "png"), (10.0, "jpeg:q=5")])
+def test_selection_rule_on_a_constructed_case(smooth, tol, expected):
+    cfg, sc = smooth
+    params = {
+        "candidates": ["png", "jpeg:q=90", "jpeg:q=5"],
+        "selection_tolerance": tol,
+        "selection_holdout": 0.5,
+    }
+    c = load_config({**cfg.to_dict(), "strategy_params": {"er-compressed": params}})
+    strat = build_strategy(c, "er-compressed", sc, 0, torch.device("cpu"), False)
+    strat.model.backbone = torch.nn.Flatten()  # features = pixels: distortion is measurable
+    exp = _first_experience(sc)
+    strat.new_data(exp)  # draws the held-out images
+    strat.select_codec(exp)
+    sel = strat.report()["codec_selection"]
+    rows = {r["codec"]: r for r in sel["candidates"]}
+    assert sel["chosen"] == expected and strat.buffer.storage.name == expected
+    assert rows["png"]["feature_mse_rel"] == 0.0
+    assert rows["jpeg:q=5"]["mean_bytes"] < rows["jpeg:q=90"]["mean_bytes"]
+    assert rows["jpeg:q=5"]["feature_mse_rel"] > rows["jpeg:q=90"]["feature_mse_rel"]
+    assert rows["jpeg:q=5"]["capacity"] > rows["png"]["capacity"]
+
+
+def test_selection_end_to_end_and_resume(smooth, tmp_path):
+    cfg, sc = smooth
+    params = {"candidates": ["jpeg:q=30", "jpeg:q=90"], "budget_bytes": "20kB"}
+    c = load_config({**cfg.to_dict(), "strategy_params": {"er-compressed": params}})
+    full = run_one(c, sc, "er-compressed", 0, tmp_path / "a", log=lambda s: None)
+    report = full["strategy_report"]["codec_selection"]
+    assert report["chosen"] in params["candidates"] and len(report["candidates"]) == 2
+    mem = full["costs"]["memory"]
+    assert mem["buffer_bytes"] <= 20_000 and mem["codec"] == report["chosen"]
+    assert mem["mean_bpp"] < 24
+    out = tmp_path / "b"
+    assert run_one(c, sc, "er-compressed", 0, out, stop_after=1, log=lambda s: None) is None
+    resumed = run_one(c, sc, "er-compressed", 0, out, resume=True, log=lambda s: None)
+    assert resumed["metrics"]["accuracy_matrix"] == full["metrics"]["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("name", ["er-compressed", "icarl-compressed", "der-compressed"])
+@pytest.mark.parametrize("pre", ["none", "train+test"])
+def test_compressed_strategies_run(smooth, tmp_path, name, pre):
+    cfg, sc = smooth
+    params = {"codec": "webp:q=50", "budget_bytes": 20000, "preprocess": pre}
+    c = load_config({**cfg.to_dict(), "strategy_params": {name: params}})
+    rec = run_one(c, sc, name, 0, tmp_path, log=lambda s: None)
+    mem = rec["costs"]["memory"]
+    # more exemplars than 20 kB of raw 32x32 pixels could hold
+    assert 0 < mem["buffer_bytes"] <= 20000 and mem["exemplars"] > 20000 // (3072 + 8)
+    assert mem["mean_bpp"] < 24
+
+
+def test_bad_preprocess_is_named(digits):
+    cfg, sc = digits
+    c = load_config("digits", [*FAST, "strategy_params={er-compressed: {preprocess: test}}"])
+    with pytest.raises(ConfigError, match="preprocess 'test'; valid: none, train, train\\+test"):
+        build_strategy(c, "er-compressed", sc, 0, torch.device("cpu"), False)
+
+
+PLUGIN = textwrap.dedent("""\
+    import numpy as np
+    from clbench.codecs import Codec
+
+    class Quant(Codec):
+        name = "quant"
+        rate_knob = "bits"
+
+        def __init__(self, bits: int = 4):
+            self.bits = int(bits)
+
+        def encode_one(self, image):
+            h, w, _ = image.shape
+            return bytes([h, w]) + (image >> (8 - self.bits)).astype(np.uint8).tobytes()
+
+        def decode_one(self, data):
+            h, w = data[0], data[1]
+            q = np.frombuffer(data[2:], np.uint8).reshape(h, w, 3)
+            return (q << (8 - self.bits)).astype(np.uint8)
+    """)
+
+
+def test_third_party_codec_from_entry_point_end_to_end(tmp_path):
+    site = tmp_path / "site"
+    (site / "quant_codec-0.1.dist-info").mkdir(parents=True)
+    (site / "quant_codec.py").write_text(PLUGIN)
+    (site / "quant_codec-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: quant-codec\nVersion: 0.1\n"
+    )
+    (site / "quant_codec-0.1.dist-info" / "entry_points.txt").write_text(
+        "[clbench.codecs]\nquant = quant_codec:Quant\n"
+    )
+    sets = [
+        *FAST,
+        "strategies=[er-compressed]",
+        "strategy_params={er-compressed: {codec: 'quant:bits=4', budget_bytes: 20000}}",
+    ]
+    args = [
+        sys.executable,
+        "-m",
+        "clbench",
+        "run",
+        "digits",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--no-leaderboard",
+        *sum((["--set", s] for s in sets), []),
+    ]
+    res = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rec = json.loads((tmp_path / "out" / "runs" / "digits__er-compressed__s0.json").read_text())
+    mem = rec["costs"]["memory"]
+    assert mem["codec"] == "quant:bits=4" and mem["mean_bpp"] == pytest.approx((2 + 192) * 8 / 64)
