@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from clbench.errors import ConfigError
-from clbench.memory import CodecStorage
+from clbench.memory import CodecStorage, parse_bytes
 from clbench.strategies.base import Experience, StrategyContext, register_strategy
 from clbench.strategies.replay import DER, ExperienceReplay, ICaRL, _Transformed
 
@@ -44,26 +44,36 @@ def _hwc(x: Tensor) -> np.ndarray:
 
 
 class CodecView(Dataset):
-    """An experience's images round-tripped through a codec once, then transformed.
+    """An experience's images round-tripped through the codec, then transformed.
 
-    The decoded images of the data being learned or tested are the model's input, not
-    memory: they are not part of the replay budget (which counts stored bitstreams).
+    These decoded images are the model's input, not memory, so they are not part of the
+    replay budget (which counts stored bitstreams). Up to ``cache_bytes`` of decoded pixels
+    are computed once (small-image sets: a learned codec then runs once per experience,
+    not once per epoch); larger sets round-trip each batch on the fly in ``__getitems__``.
     """
 
-    def __init__(self, raw: Dataset, storage: CodecStorage, transform):
-        n = len(raw)
-        items = [raw[i] for i in range(n)]
-        images = [_hwc(it[0]) for it in items]
-        decoded = storage.decode(storage.encode(images))
-        self.x = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
-        self.y = torch.tensor([int(it[1]) for it in items])
-        self.transform = transform
+    def __init__(self, raw: Dataset, storage: CodecStorage, transform, cache_bytes: int):
+        self.raw, self.storage, self.transform = raw, storage, transform
+        self.y = torch.as_tensor(list(raw.targets))
+        c, h, w = raw[0][0].shape
+        self.x: Tensor | None = None
+        if len(raw) * c * h * w <= cache_bytes:
+            self.x = self._roundtrip(range(len(raw)))
+
+    def _roundtrip(self, idx) -> Tensor:
+        images = [_hwc(self.raw[int(i)][0]) for i in idx]
+        decoded = self.storage.decode(self.storage.encode(images))
+        return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
 
     def __len__(self) -> int:
         return len(self.y)
 
+    def __getitems__(self, idx: list[int]) -> list[tuple[Tensor, int, int]]:
+        x = self.x[list(idx)] if self.x is not None else self._roundtrip(idx)
+        return [(self.transform(xi), int(self.y[i]), 0) for xi, i in zip(x, idx, strict=True)]
+
     def __getitem__(self, i: int):
-        return self.transform(self.x[i]), int(self.y[i]), 0
+        return self.__getitems__([i])[0]
 
 
 class CompressedReplay:
@@ -93,7 +103,10 @@ class CompressedReplay:
         key = (id(dataset), group, self.buffer.storage.name)
         if key not in self._views:
             self._views[key] = CodecView(
-                dataset.with_transforms("raw"), self.buffer.storage, self.ctx.transforms[group]
+                dataset.with_transforms("raw"),
+                self.buffer.storage,
+                self.ctx.transforms[group],
+                cache_bytes=parse_bytes(self.params["preprocess_cache_bytes"]),
             )
         return self._views[key]
 

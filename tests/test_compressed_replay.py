@@ -245,3 +245,16 @@ def test_third_party_codec_from_entry_point_end_to_end(tmp_path):
     rec = json.loads((tmp_path / "out" / "runs" / "digits__er-compressed__s0.json").read_text())
     mem = rec["costs"]["memory"]
     assert mem["codec"] == "quant:bits=4" and mem["mean_bpp"] == pytest.approx((2 + 192) * 8 / 64)
+
+
+def test_codec_view_cached_and_on_the_fly_agree(smooth):
+    from clbench.strategies.compressed_replay import CodecView
+
+    cfg, sc = smooth
+    raw = sc.train_stream[0].dataset.with_transforms("raw")
+    storage = CodecStorage("jpeg:q=40")
+    cached = CodecView(raw, storage, sc.transforms["eval"], cache_bytes=10**9)
+    lazy = CodecView(raw, storage, sc.transforms["eval"], cache_bytes=0)
+    assert cached.x is not None and lazy.x is None
+    for a, b in zip(cached.__getitems__([0, 3, 5]), lazy.__getitems__([0, 3, 5]), strict=True):
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
