@@ -7,7 +7,7 @@ batch 64 new + 64 replayed. The buffer decodes per batch in ``__getitems__`` (no
 decoded pixels, which would hold bytes the budget does not count). Goal: <= 15% for JPEG.
 
     python benchmarks/perf/replay_overhead.py --learned \
-        "bmshj2018-factorized:N=64,M=96,checkpoint=runs/codecs/tin64-fact-N64M96-l0.0067/best.pth" \
+        "bmshj2018-factorized:checkpoint=runs/codecs/tin64-fact-N64M96-l0.0067/best.pth" \
         --out results/perf/replay_overhead.json
 """
 
