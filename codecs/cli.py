@@ -147,7 +147,9 @@ def add_codec_commands(subparsers: Any) -> argparse.ArgumentParser:
         "--data-root", help="root of the datasets (default: $CLBENCH_DATA_ROOT, else ./data)"
     )
     p.add_argument("--out", help="output folder (default: results/codecs/<benchmark name>)")
-    p.add_argument("--anchor", help="curve label that BD-rates are computed against")
+    p.add_argument(
+        "--anchor", action="append", help="curve label BD-rates are computed against (repeatable)"
+    )
     p.add_argument(
         "--anchors", metavar="DIR", help="folder of published R-D JSONs to plot and compare with"
     )

@@ -56,7 +56,7 @@ class Benchmark:
     name: str
     images: str
     curves: list[Curve]
-    anchor: str | None = None
+    anchor: str | list[str] | None = None  # BD-rate reference curve label(s)
     anchors: str | None = None
     compare: list[dict[str, str]] = field(default_factory=list)
     description: str = ""
@@ -399,15 +399,18 @@ def report_md(
                 f"| {c.label} | `{p['spec']}` | {_fmt(p['bpp'], 4)} | {_fmt(p['bpp_payload'], 4)} | {_fmt(p['psnr'], 2)} | "
                 f"{_fmt(p['ms_ssim'], 4)} | {_fmt(p['enc_s'] * 1e3, 1)} | {_fmt(p['dec_s'] * 1e3, 1)} |"
             )
-    if bd:
+    for anchor in dict.fromkeys(r["anchor"] for r in bd):
         lines += [
             "",
-            f"## BD-rate against {bd[0]['anchor']} (negative = fewer bits for the same PSNR)",
+            f"## BD-rate against {anchor} (negative = fewer bits for the same PSNR)",
+            "",
+            "BD-rate integrates over the PSNR range both curves cover, BD-PSNR over the common "
+            "bitrate range; with a small overlap either can mislead (see the overlap column).",
             "",
             "| curve | BD-rate % | BD-PSNR dB | PSNR overlap (dB) | overlap | note |",
             "|---|---:|---:|---|---:|---|",
         ]
-        for r in bd:
+        for r in (r for r in bd if r["anchor"] == anchor):
             rng = r.get("psnr_range")
             lines.append(
                 f"| {r['curve']} | {_fmt(r['bd_rate_pct'], 2)} | {_fmt(r['bd_psnr_db'], 3)} | "
@@ -506,10 +509,12 @@ def run(
     anchors_dir = anchors_dir or bench.anchors
     published = load_published(data_path(anchors_dir, data_root)) if anchors_dir else []
     by_label = {c.label: c for c in bench.curves} | {c.label: c for c in published}
-    if bench.anchor and bench.anchor not in by_label:
-        raise ClbenchError(
-            f"benchmark {bench.name}: anchor {bench.anchor!r} is not a curve; curves: {', '.join(by_label)}"
-        )
+    anchor_labels = [bench.anchor] if isinstance(bench.anchor, str) else list(bench.anchor or [])
+    for a in anchor_labels:
+        if a not in by_label:
+            raise ClbenchError(
+                f"benchmark {bench.name}: anchor {a!r} is not a curve; curves: {', '.join(by_label)}"
+            )
     for comp in bench.compare:
         for key in ("curve", "published"):
             if comp[key] not in by_label:
@@ -519,14 +524,12 @@ def run(
 
     rows = measure(bench.curves, images, progress)
 
-    bd = []
-    if bench.anchor:
-        anchor = by_label[bench.anchor]
-        bd = [
-            bd_rate(anchor, c)
-            for c in [*bench.curves, *published]
-            if c is not anchor and not all(p.get("lossless") for p in c.points)
-        ]
+    bd = [
+        bd_rate(by_label[a], c)
+        for a in anchor_labels
+        for c in [*bench.curves, *published]
+        if c is not by_label[a] and not all(p.get("lossless") for p in c.points)
+    ]
     compares = []
     for comp in bench.compare:
         pts = pointwise(by_label[comp["curve"]], by_label[comp["published"]])
@@ -582,7 +585,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if args.images:
         bench.images = args.images
     if args.anchor:
-        bench.anchor = args.anchor
+        bench.anchor = args.anchor  # a list: --anchor is repeatable
     if args.threads:
         import torch
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -40,3 +41,15 @@ def write_pngs(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> lis
         Image.fromarray(smooth_image(h, w, seed + i)).save(p)
         paths.append(p)
     return paths
+
+
+@pytest.fixture(autouse=True, scope="module")
+def torch_one_thread():
+    """One torch thread per test module: CI has 2 shared cores, and oversubscribed OpenMP
+    threads spin-wait, which makes small-model tests minutes slower under load."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

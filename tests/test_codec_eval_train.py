@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from codec_fixtures import write_pngs  # noqa: E402
+from codec_fixtures import torch_one_thread, write_pngs  # noqa: E402, F401
 
 from clbench.codecs import get_codec  # noqa: E402
 from clbench.codecs.cli import main  # noqa: E402

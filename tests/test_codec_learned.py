@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from codec_fixtures import batch, smooth_image  # noqa: E402
+from codec_fixtures import batch, smooth_image, torch_one_thread  # noqa: E402, F401
 
 from clbench.codecs import (  # noqa: E402
     CorruptDataError,

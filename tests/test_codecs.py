@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from codec_fixtures import batch, smooth_image, write_pngs  # noqa: E402
+from codec_fixtures import batch, smooth_image, torch_one_thread, write_pngs  # noqa: E402, F401
 
 from clbench.codecs import (  # noqa: E402
     Codec,
@@ -261,7 +261,7 @@ def test_readme_plugin_example_works_by_name_from_cli_and_config(tmp_path):
           PNG: png
         """)
     )
-    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "clbench.codecs.cli"]
 
     def run(*args):
