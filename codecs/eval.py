@@ -156,7 +156,6 @@ def load_published(folder: str | Path) -> list[Curve]:
             {"bpp": b, "psnr": p, "ms_ssim": float(msssim[i]) if msssim else math.nan}
             for i, (b, p) in enumerate(zip(bpp, psnr, strict=False))
         ]
-        c.name = doc.get("name", f.stem)  # type: ignore[attr-defined]
         out.append(c)
     return out
 
