@@ -342,7 +342,7 @@ def plot_rd(curves: list[Curve], published: list[Curve], path: Path, title: str)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=120)
+    fig, ax = plt.subplots(figsize=(11, 6), dpi=120)
     for c in curves:
         bpp, psnr = _rd(c)
         if len(bpp):
@@ -359,7 +359,7 @@ def plot_rd(curves: list[Curve], published: list[Curve], path: Path, title: str)
     ax.set_ylabel("PSNR RGB (dB)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves stay visible
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
