@@ -359,7 +359,8 @@ def plot_rd(curves: list[Curve], published: list[Curve], path: Path, title: str)
     ax.set_ylabel("PSNR RGB (dB)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves stay visible
+    # Legend outside the axes: with published anchors it would hide the curves.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)

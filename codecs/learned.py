@@ -262,6 +262,10 @@ class CompressAICodec(Codec):
             opts["device"] = self.device
         if self.pad != 64:
             opts["pad"] = self.pad
+        if self.batch != 16:
+            opts["batch"] = self.batch
+        if self.cross_device:
+            opts["cross_device"] = True
         return opts
 
     # -- coding -------------------------------------------------------------------------
