@@ -605,7 +605,7 @@ class CLLoRA(Strategy):
         # beyond the frozen ViT and the live A_s: the teacher copy, every task's frozen
         # adapters and weights, and the prototypes
         net = self.net
-        tensors = [net.shared_down, self.prototypes]
+        tensors = [self.prototypes]
         tensors += [] if net.teacher_up is None else [net.teacher_up]
         tensors += [*net.task_down, *net.task_up, *net.task_weights]
         size = sum(t.numel() * t.element_size() for t in tensors)
