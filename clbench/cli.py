@@ -24,8 +24,9 @@ COMMAND_PROVIDERS = (
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from clbench.config import load_config
-    from clbench.runner import run_benchmark
+    from clbench.runner import _git_state, run_benchmark
 
+    _git_state()  # pin the provenance commit before any long work
     cfg = load_config(args.benchmark, args.set)
     out = Path(args.out)
     command = "clbench " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -97,6 +97,21 @@ def _git(*args: str) -> str | None:
         return None
 
 
+_GIT_AT_START: dict[str, Any] = {}
+
+
+def _git_state() -> dict[str, Any]:
+    """The commit and dirtiness of the code this process loaded (read once, at first use,
+    so a record names the code that ran, not a commit made while a long run was going)."""
+    if not _GIT_AT_START:
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        _GIT_AT_START.update(
+            git_commit=_git("rev-parse", "HEAD"),
+            git_dirty=None if status is None else bool(status),
+        )
+    return _GIT_AT_START
+
+
 def provenance(device: torch.device, command: str) -> dict[str, Any]:
     versions = {}
     for p in PACKAGES:
@@ -104,11 +119,9 @@ def provenance(device: torch.device, command: str) -> dict[str, Any]:
             versions[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             versions[p] = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "clbench_version": versions["clbench"],
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        **_git_state(),
         "packages": versions,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
