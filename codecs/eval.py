@@ -270,10 +270,13 @@ def bd_rate(anchor: Curve, test: Curve) -> dict[str, Any]:
     lo, hi = max(da.min(), dt.min()), min(da.max(), dt.max())
     span = max(da.max(), dt.max()) - min(da.min(), dt.min())
     out["overlap"] = max(0.0, hi - lo) / span if span > 0 else 0.0
-    out["psnr_range"] = [float(lo), float(hi)]
     if hi <= lo:
-        out["note"] = "PSNR ranges do not overlap"
+        out["note"] = (
+            f"PSNR ranges do not overlap: anchor {da.min():.2f}-{da.max():.2f} dB, "
+            f"curve {dt.min():.2f}-{dt.max():.2f} dB"
+        )
         return out
+    out["psnr_range"] = [float(lo), float(hi)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the overlap is reported in the table instead
         out["bd_rate_pct"] = float(
