@@ -11,7 +11,7 @@ experience and, on CPU with the same seed, ends with the same accuracy matrix.
 from __future__ import annotations
 
 import datetime as _dt
-import os
+import io
 import platform
 import random
 import resource
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from clbench.backbones import create_backbone
 from clbench.config import BenchmarkConfig
 from clbench.errors import ClbenchError, ConfigError
-from clbench.records import SCHEMA_VERSION, derived_metrics, write_json_atomic
+from clbench.records import SCHEMA_VERSION, derived_metrics, write_bytes_atomic, write_json_atomic
 from clbench.scenarios import Scenario, build_scenario
 from clbench.strategies.base import STRATEGIES, Experience, Strategy, StrategyContext, autocast
 
@@ -270,12 +270,9 @@ def run_one(
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _record(cfg, scenario, strategy, name, seed, st: RunState, prov, wall0, T) -> dict[str, Any]:

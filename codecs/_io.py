@@ -1,15 +1,15 @@
-"""Small file helpers shared by eval and train: image discovery and atomic writes."""
+"""Small file helpers shared by eval and train: image discovery and atomic writes (through
+clbench.records' single atomic-write primitive)."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from clbench.errors import ClbenchError
+from clbench.records import write_text_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -30,32 +30,13 @@ def find_images(root: str | os.PathLike, what: str = "image folder") -> list[Pat
     return sorted(files)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write through a temp file in the same folder, then os.replace: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give them the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2, allow_nan=True))
+    # allow_nan: a lossless codec's PSNR is inf, which eval results keep as written
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=True))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text))
+    write_text_atomic(path, text)
 
 
 def data_path(path: str | None, data_root: str | None) -> str | None:

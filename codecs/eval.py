@@ -367,9 +367,9 @@ def plot_rd(curves: list[Curve], published: list[Curve], path: Path, title: str)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
-    from clbench.codecs._io import atomic_write
+    from clbench.records import write_bytes_atomic
 
-    atomic_write(path, lambda f: f.write(buf.getvalue()), mode="wb")
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _fmt(v: Any, nd: int = 3) -> str:

@@ -13,6 +13,7 @@ the ``state_dict`` key).
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import time
@@ -24,12 +25,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from clbench.codecs._io import atomic_write, find_images, write_json
+from clbench.codecs._io import find_images, write_json
 from clbench.codecs.base import format_spec, parse_spec
 from clbench.codecs.learned import CHECKPOINT_FORMAT, learned_config
 from clbench.codecs.registry import get_codec
 from clbench.data import load_rgb
 from clbench.errors import ClbenchError
+from clbench.records import write_bytes_atomic
 
 
 @cache
@@ -124,7 +126,9 @@ def _training_spec(spec: str) -> tuple[str, dict[str, Any]]:
 def _save(path: Path, payload: dict[str, Any]) -> None:
     import torch
 
-    atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _psnr(mse: float) -> float:

@@ -38,6 +38,8 @@ def bare_loop(cfg, scenario, seed: int) -> float:
     backbone = create_backbone(cfg.backbone, scenario.image_size)
     head = IncrementalHead(backbone.num_features, scenario.num_classes)
     model = torch.nn.Sequential(backbone, head.fc)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     n_seen = len(scenario.experience_classes[0])
     t = cfg.train
     # the same uint8 images and transform the harness uses, without Avalanche's dataset layer
@@ -60,7 +62,7 @@ def bare_loop(cfg, scenario, seed: int) -> float:
     t0 = time.perf_counter()
     for _ in range(t.epochs):
         for x, y in loader:
-            loss = F.cross_entropy(model(x)[:, :n_seen], y)
+            loss = F.cross_entropy(model(x.contiguous(memory_format=fmt))[:, :n_seen], y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
