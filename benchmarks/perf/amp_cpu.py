@@ -51,22 +51,32 @@ def main() -> None:
     p.add_argument("--out", default="results/perf/amp_cpu.json")
     a = p.parse_args()
     torch.manual_seed(0)
-    res: dict = {"command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
-                 "threads": torch.get_num_threads()}
+    res: dict = {
+        "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
+        "threads": torch.get_num_threads(),
+    }
 
     n = 2048
     A, B = torch.randn(n, n), torch.randn(n, n)
     for name, amp in (("fp32", False), ("bf16", True)):
+
         def mm(amp=amp):
             with torch.autocast("cpu", torch.bfloat16, enabled=amp):
                 A @ B
+
         res[f"matmul_{name}_gflops"] = 2 * n**3 / timed(mm, a.reps) / 1e9
 
     cases = {
-        "resnet18_64px_bs32": (lambda: torch.nn.Sequential(ResNet18(stem="small"), torch.nn.Linear(512, 100)),
-                               torch.randn(32, 3, 64, 64)),
-        "vit_small_32px_bs32": (lambda: timm.create_model("vit_small_patch16_224", img_size=32, patch_size=4,
-                                                          num_classes=100), torch.randn(32, 3, 32, 32)),
+        "resnet18_64px_bs32": (
+            lambda: torch.nn.Sequential(ResNet18(stem="small"), torch.nn.Linear(512, 100)),
+            torch.randn(32, 3, 64, 64),
+        ),
+        "vit_small_32px_bs32": (
+            lambda: timm.create_model(
+                "vit_small_patch16_224", img_size=32, patch_size=4, num_classes=100
+            ),
+            torch.randn(32, 3, 32, 32),
+        ),
     }
     for name, (make, x) in cases.items():
         model = make()

@@ -56,7 +56,9 @@ def bare_loop(cfg, scenario, seed: int) -> float:
             return tf(xs[i]), ys[i]
 
     loader = DataLoader(DS(), batch_size=t.batch_size, shuffle=True)
-    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, t.epochs * len(loader)))
     model.train()
     t0 = time.perf_counter()
@@ -93,7 +95,10 @@ def main() -> None:
     for r in range(a.repeats):
         times["clbench"].append(harness(cfg, scenario, r))
         times["bare"].append(bare_loop(cfg, scenario, r))
-        print(f"repeat {r}: clbench {times['clbench'][-1]:.2f}s  bare {times['bare'][-1]:.2f}s", flush=True)
+        print(
+            f"repeat {r}: clbench {times['clbench'][-1]:.2f}s  bare {times['bare'][-1]:.2f}s",
+            flush=True,
+        )
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),

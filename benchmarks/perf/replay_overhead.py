@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from clbench.backbones import ResNet18
 from clbench.memory import ExemplarBuffer, make_storage
 from clbench.records import write_json_atomic
 from clbench.strategies.base import BackboneClassifier
-from torchvision.transforms import v2
 
 
 def smooth_images(n: int, size: int, seed: int) -> list[np.ndarray]:
@@ -53,15 +53,22 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
     images = smooth_images(a.exemplars, 64, 0)
-    tf = v2.Compose([v2.RandomCrop(64, padding=4), v2.RandomHorizontalFlip(),
-                     v2.ToDtype(torch.float32, scale=True)])
+    tf = v2.Compose(
+        [
+            v2.RandomCrop(64, padding=4),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
     buffers = {}
     for name, spec in (("raw", None), ("jpeg", "jpeg:q=50"), ("learned", a.learned)):
         buf = ExemplarBuffer(max_exemplars=a.exemplars, storage=make_storage(spec))
         per = a.exemplars // 100
         buf.add_classes({c: images[c * per : (c + 1) * per] for c in range(100)})
         buffers[name] = buf
-    model = BackboneClassifier(ResNet18(stem="imagenet", width=32), 100).to(memory_format=torch.channels_last)
+    model = BackboneClassifier(ResNet18(stem="imagenet", width=32), 100).to(
+        memory_format=torch.channels_last
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     new_x = torch.stack([tf(torch.from_numpy(im).permute(2, 0, 1)) for im in images[:64]])
     new_y = torch.randint(0, 100, (64,))
@@ -94,7 +101,10 @@ def main() -> None:
         for k, buf in buffers.items():
             times[k].append(step_time(buf))
             rates[k].append(decode_rate(buf))
-        print(f"repeat {r}: " + "  ".join(f"{k} {times[k][-1] * 1000:.0f} ms/step" for k in times), flush=True)
+        print(
+            f"repeat {r}: " + "  ".join(f"{k} {times[k][-1] * 1000:.0f} ms/step" for k in times),
+            flush=True,
+        )
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {
         "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
@@ -108,7 +118,11 @@ def main() -> None:
         "loader_images_per_s": {k: statistics.median(v) for k, v in rates.items()},
         "learned_codec": a.learned,
     }
-    print(json.dumps({k: res[k] for k in ("overhead_vs_raw", "loader_images_per_s", "mean_bpp")}, indent=1))
+    print(
+        json.dumps(
+            {k: res[k] for k in ("overhead_vs_raw", "loader_images_per_s", "mean_bpp")}, indent=1
+        )
+    )
     write_json_atomic(Path(a.out), res)
 
 
