@@ -222,6 +222,14 @@ class Strategy(ABC):
         return {"buffer_bytes": 0, "model_copies_bytes": 0, "exemplars": None, "mean_bpp": None}
 
     # -- shared machinery -----------------------------------------------------------------
+    def check_finite(self, loss: Tensor, exp_index: int, step: int, hint: str) -> None:
+        """Stop the run on a NaN/inf loss, naming the experience, the step and a remedy."""
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"strategy {self.name}: loss is {loss.item()} at experience {exp_index}, "
+                f"step {step} {hint}"
+            )
+
     def to_device(self, x: Tensor) -> Tensor:
         """Move an input batch to the device (channels-last for 4-D inputs if configured)."""
         x = x.to(self.device, non_blocking=True)
@@ -310,11 +318,9 @@ class Strategy(ABC):
                 x, y = self.to_device(batch[0]), batch[1].to(self.device)
                 with autocast(self.device, self.amp):
                     loss = step_loss(x, y)
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLossError(
-                        f"strategy {self.name}: loss is {loss.item()} at experience {exp_index}, "
-                        f"step {step} ({desc}); lower train.lr or set train.grad_clip"
-                    )
+                self.check_finite(
+                    loss, exp_index, step, f"({desc}); lower train.lr or set train.grad_clip"
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip:

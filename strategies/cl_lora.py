@@ -65,7 +65,6 @@ from torch import Tensor, nn
 from clbench.errors import ConfigError
 from clbench.strategies.base import (
     Experience,
-    NonFiniteLossError,
     Strategy,
     StrategyContext,
     autocast,
@@ -549,11 +548,7 @@ class CLLoRA(Strategy):
         what: str,
         reassign: CLLoRAViT | None,
     ) -> None:
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(
-                f"strategy cl-lora: {what} loss is {loss.item()} at experience {exp_index}, "
-                f"step {step}; lower the lr (strategy_params.cl-lora.lr)"
-            )
+        self.check_finite(loss, exp_index, step, f"({what}); lower strategy_params.cl-lora.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if reassign is not None:

@@ -32,7 +32,6 @@ from clbench.errors import ConfigError
 from clbench.strategies.base import (
     Experience,
     IncrementalHead,
-    NonFiniteLossError,
     Strategy,
     StrategyContext,
     autocast,
@@ -185,11 +184,7 @@ class PTMStrategy(Strategy):
                 x, y = batch[0].to(self.device), torch.as_tensor(batch[1]).to(self.device)
                 with autocast(self.device, self.amp):
                     loss = loss_fn(x, y)
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLossError(
-                        f"strategy {self.name}: loss is {loss.item()} at experience "
-                        f"{exp_index}, step {step}; lower strategy_params.{self.name}.lr"
-                    )
+                self.check_finite(loss, exp_index, step, f"; lower strategy_params.{self.name}.lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

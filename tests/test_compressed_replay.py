@@ -42,17 +42,15 @@ def smooth():
     from clbench.data import ImageSet
     from clbench.datasets import DATASETS, register_dataset
 
-    if "smooth32-test" not in DATASETS:
-
-        @register_dataset("smooth32-test")
-        def _load(root, *, download=False, variant=None):
-            imgs = np.stack(smooth_images(80))
-            labels = np.arange(80) % 4
-            classes = ["a", "b", "c", "d"]
-            return (
-                ImageSet(labels[:60], classes, images=imgs[:60]),
-                ImageSet(labels[60:], classes, images=imgs[60:]),
-            )
+    @register_dataset("smooth32-test")
+    def _load(root, *, download=False, variant=None):
+        imgs = np.stack(smooth_images(80))
+        labels = np.arange(80) % 4
+        classes = ["a", "b", "c", "d"]
+        return (
+            ImageSet(labels[:60], classes, images=imgs[:60]),
+            ImageSet(labels[60:], classes, images=imgs[60:]),
+        )
 
     cfg = load_config(
         {
@@ -63,7 +61,10 @@ def smooth():
             "train": {"epochs": 1, "threads": 1, "amp": "off"},
         }
     )
-    return cfg, build_scenario(cfg)
+    try:
+        return cfg, build_scenario(cfg)
+    finally:  # the data is loaded: leave the global registry as the other tests expect it
+        DATASETS._items.pop("smooth32-test", None)
 
 
 @pytest.fixture(scope="module")
