@@ -63,6 +63,8 @@ class Codec:
         for i, b in enumerate(data):
             try:
                 out.append(self.decode_one(b))
+            except CorruptDataError as e:  # decode_one's own check: add which item it was
+                raise CorruptDataError(f"{e} (item {i})") from None
             except ClbenchError:
                 raise
             except Exception as e:  # each library raises its own types for bad input

@@ -48,12 +48,3 @@ class RawCodec(Codec):
                 f"codec raw: {len(data)} bytes for a {w}x{h} image, expected {_HEADER.size + n} (truncated?)"
             )
         return np.frombuffer(data, np.uint8, count=n, offset=_HEADER.size).reshape(h, w, 3).copy()
-
-    def decode_batch(self, data: list[bytes]) -> list[np.ndarray]:
-        out = []
-        for i, b in enumerate(data):
-            try:
-                out.append(self.decode_one(b))
-            except CorruptDataError as e:
-                raise CorruptDataError(f"{e} (item {i})") from None
-        return out
