@@ -10,7 +10,7 @@ pre-training classes' held-out images, classes, epochs, time, command); a JSON c
 meta lies beside it. Both are written atomically.
 
     clbench pretrain --dataset tinyimagenet --class-range 100 200 \\
-        --out checkpoints/vit_tiny_p8_64_tin100-199.pt --time-budget-min 45
+        --out checkpoints/vit_tiny_p16_64_tin100-199.pt --time-budget-min 45
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torchvision.transforms import v2
 from clbench.errors import ConfigError
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
-DEFAULT_KWARGS = {"img_size": 64, "patch_size": 8}
+DEFAULT_KWARGS = {"img_size": 64, "patch_size": 16}
 
 
 class _Images(Dataset):
@@ -120,7 +120,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     start, step, epochs_done = time.time(), 0, 0
     budget = args.time_budget_min * 60 if args.time_budget_min else math.inf
-    for epoch in range(args.epochs):
+    for epoch in range(10**9):  # args.epochs may shrink after epoch 1 (time budget)
         model.train()
         for x, y in loader:
             loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
@@ -138,6 +138,17 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
             f"epoch {epochs_done}/{args.epochs}: loss {loss.item():.3f}, {elapsed / 60:.1f} min",
             flush=True,
         )
+        if epochs_done == 1 and budget < math.inf:
+            # Re-plan the cosine schedule to the epochs the budget fits, so a time-limited run
+            # still anneals to 0 instead of stopping at a high learning rate.
+            plan = max(1, min(args.epochs, int(budget // elapsed)))
+            if plan < args.epochs:
+                print(f"--time-budget-min {args.time_budget_min}: schedule re-planned to {plan} epochs")
+                total = plan * len(loader)
+                warm = min(warm, max(len(loader), total // 10))
+                args.epochs = plan
+        if epochs_done >= args.epochs:
+            break
         if elapsed * (epochs_done + 1) / epochs_done > budget:
             print(f"stopping: the next epoch would exceed --time-budget-min {args.time_budget_min}")
             break
@@ -207,5 +218,5 @@ def add_pretrain_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="checkpoints/vit_tiny_p8_64_tin100-199.pt")
+    p.add_argument("--out", default="checkpoints/vit_tiny_p16_64_tin100-199.pt")
     p.set_defaults(func=_cmd)

@@ -212,7 +212,11 @@ _COSTS = {
     "peak_rss_bytes": _NONNEG_INT,
 }
 _MEMORY = {"buffer_bytes": _NONNEG_INT, "model_copies_bytes": _NONNEG_INT}
-_MEMORY_OPTIONAL = {"exemplars": _OPT_NONNEG_INT, "mean_bpp": _OPT_NUM}
+_MEMORY_OPTIONAL = {
+    "exemplars": _OPT_NONNEG_INT,
+    "mean_bpp": _OPT_NUM,
+    "codec_params_bytes": _OPT_NONNEG_INT,
+}
 _PROVENANCE = {
     "clbench_version": _STR,
     "git_commit": _OPT_STR,

@@ -302,7 +302,9 @@ def _record(cfg, scenario, strategy, name, seed, st: RunState, prov, wall0, T) -
             "eval_time_s": st.eval_time,
             "train_images_per_s": st.images_trained / train_total if train_total else 0.0,
             "trainable_params": strategy.trainable_params(),
-            "memory_bytes": int(mem.get("buffer_bytes", 0) + mem.get("model_copies_bytes", 0)),
+            "memory_bytes": int(
+                sum(mem.get(k) or 0 for k in ("buffer_bytes", "model_copies_bytes", "codec_params_bytes"))
+            ),
             "memory": mem,
             "peak_rss_bytes": peak_rss_bytes(),
         },

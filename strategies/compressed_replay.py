@@ -18,6 +18,15 @@ address (paper setting = default):
     reading of the papers' "efficient compression rate/algorithm selection"; the whole
     table goes to the run record (``strategy_report``). Held-out images are
     ``selection_holdout`` of the first task's training images, excluded from training.
+``learned_codec``  a mapping (``arch``, ``arch_kwargs``, ``lmbda``, ``first_steps``,
+    ``task_steps``, ``cam``, ...): instead of a fixed codec, a CompressAI architecture trained
+    after the first task on its training images and fine-tuned after each later task with
+    the decoder and entropy model frozen, so stored bitstreams keep decoding to the same
+    pixels (food paper; see ``clbench/codecs/continual.py``). ``cam: true`` weights the
+    distortion by the classifier's class-activation map. The codec's own parameters are
+    reported as ``codec_params_bytes``; ``count_codec_params: true`` charges them to
+    ``budget_bytes``. During the first task the model sees raw images (no codec exists
+    yet), as with ``candidates``.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from clbench.codecs.continual import ContinualCodecStorage, grad_cam
 from clbench.errors import ConfigError
 from clbench.memory import CodecStorage, parse_bytes
 from clbench.strategies.base import Experience, StrategyContext, register_strategy
@@ -37,6 +47,10 @@ from clbench.strategies.replay import DER, ExperienceReplay, ICaRL, _Transformed
 
 DEFAULTS = Path(__file__).with_suffix(".yaml")
 PREPROCESS = ("none", "train", "train+test")
+LEARNED_KEYS = (
+    "arch", "arch_kwargs", "lmbda", "first_steps", "task_steps", "batch_size", "lr", "aux_lr",
+    "clip", "cam", "cam_floor", "seed",
+)  # fmt: skip
 
 
 def _hwc(x: Tensor) -> np.ndarray:
@@ -87,21 +101,53 @@ class CompressedReplay:
                 f"{', '.join(PREPROCESS)}"
             )
         self.candidates = list(self.params.get("candidates") or [])
-        if not self.candidates and not self.params.get("codec"):
-            raise ConfigError(f"strategy {self.name}: set codec (e.g. 'jpeg:q=50') or candidates")
+        learned = self.params.get("learned_codec")
+        if not self.candidates and not self.params.get("codec") and not learned:
+            raise ConfigError(
+                f"strategy {self.name}: set codec (e.g. 'jpeg:q=50'), candidates or learned_codec"
+            )
         self.selection: dict[str, Any] = {}
         self.holdout: np.ndarray | None = None
         self._views: dict[tuple, Dataset] = {}
-        if self.candidates:  # chosen after the first task; until then the first candidate
+        self.budget0 = self.buffer.budget_bytes
+        self.learned: ContinualCodecStorage | None = None
+        if learned:
+            self.learned = self._make_learned(learned)
+            self.buffer.storage = self.learned
+        elif self.candidates:  # chosen after the first task; until then the first candidate
             self.buffer.storage = CodecStorage(self.candidates[0])
+
+    def _make_learned(self, cfg: Any) -> ContinualCodecStorage:
+        if not isinstance(cfg, dict):
+            raise ConfigError(
+                f"strategy {self.name}: learned_codec must be a mapping, e.g. "
+                "{arch: bmshj2018-factorized, lmbda: 0.0067}"
+            )
+        if self.candidates:
+            raise ConfigError(
+                f"strategy {self.name}: learned_codec and candidates exclude each other; drop one"
+            )
+        bad = sorted(set(cfg) - set(LEARNED_KEYS))
+        if bad:
+            raise ConfigError(
+                f"strategy {self.name}: learned_codec key {bad[0]!r} is unknown; valid: "
+                f"{', '.join(LEARNED_KEYS)}"
+            )
+        opts = {k: v for k, v in cfg.items() if k != "cam"}
+        opts.setdefault("seed", self.ctx.seed)
+        return ContinualCodecStorage(**opts)
 
     # -- what the model sees ------------------------------------------------------------------
     def _codec_ready(self) -> bool:
+        if self.learned is not None:
+            return self.learned.version > 0
         return not self.candidates or bool(self.selection)
 
     def _view(self, dataset: Any, group: str) -> Dataset:
-        key = (id(dataset), group, self.buffer.storage.name)
+        name = self.buffer.storage.name
+        key = (id(dataset), group, name)
         if key not in self._views:
+            self._views = {k: v for k, v in self._views.items() if k[2] == name}  # stale codec
             self._views[key] = CodecView(
                 dataset.with_transforms("raw"),
                 self.buffer.storage,
@@ -133,7 +179,40 @@ class CompressedReplay:
     def after_experience(self, exp: Experience) -> None:
         if exp.index == 0 and self.candidates and not self.selection:
             self.select_codec(exp)
+        if self.learned is not None:
+            self.fit_learned_codec(exp)
         super().after_experience(exp)
+
+    def fit_learned_codec(self, exp: Experience) -> None:
+        """Train (task 0) or encoder-fine-tune (later tasks) the codec on this task's
+        training images, before they are encoded into the buffer."""
+        raw = exp.data("raw")
+        x = torch.stack([raw[i][0] for i in range(len(raw))])
+        weights = None
+        if self.params["learned_codec"].get("cam"):
+            y = torch.as_tensor(list(raw.targets))
+            weights = self._cam(x, y)
+        self.learned.fit(x, weights)
+        if self.params.get("count_codec_params") and self.budget0:
+            left = self.budget0 - self.learned.param_bytes()
+            if left <= 0:
+                raise ConfigError(
+                    f"strategy {self.name}: the learned codec's {self.learned.param_bytes():,} B "
+                    f"exceed budget_bytes {self.budget0:,}; raise the budget or set "
+                    "count_codec_params: false"
+                )
+            self.buffer.budget_bytes = left
+
+    def _cam(self, x: Tensor, y: Tensor) -> Tensor:
+        tf = self.ctx.transforms["eval"]
+        bs = self.train_cfg.eval_batch_size
+        self.model.eval()
+        out = []
+        for s in range(0, len(x), bs):
+            xb = self.to_device(torch.stack([tf(t) for t in x[s : s + bs]]))
+            yb = self.to_device(y[s : s + bs])
+            out.append(grad_cam(self.model, xb, yb, lambda t: self.model(t, self.n_seen)).cpu())
+        return torch.cat(out)
 
     @torch.no_grad()
     def select_codec(self, exp: Experience) -> None:
@@ -179,17 +258,40 @@ class CompressedReplay:
         }
 
     def report(self) -> dict[str, Any]:
-        return {"codec_selection": self.selection} if self.selection else {}
+        out: dict[str, Any] = {"codec_selection": self.selection} if self.selection else {}
+        if self.learned is not None:
+            out["learned_codec"] = {
+                "arch": self.learned.arch,
+                "arch_kwargs": dict(self.learned.codec.arch_kwargs),
+                "lmbda": self.learned.lmbda,
+                "params_bytes": self.learned.param_bytes(),
+                "counted_in_budget": bool(self.params.get("count_codec_params")),
+                "training": self.learned.history,
+            }
+        return out
+
+    def memory(self) -> dict[str, Any]:
+        mem = super().memory()
+        if self.learned is not None:
+            mem["codec_params_bytes"] = self.learned.param_bytes()
+        return mem
 
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()
         state["codec"] = self.buffer.storage.name
         state["selection"] = self.selection
         state["holdout"] = None if self.holdout is None else torch.from_numpy(self.holdout)
+        if self.learned is not None:
+            state["learned_codec"] = self.learned.state_dict()
+            state["budget_bytes"] = self.buffer.budget_bytes
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.buffer.storage = CodecStorage(state["codec"])
+        if self.learned is not None:
+            self.learned.load_state_dict(state["learned_codec"])
+            self.buffer.budget_bytes = state["budget_bytes"]
+        else:
+            self.buffer.storage = CodecStorage(state["codec"])
         super().load_extra_state(state)
         self.selection = state["selection"]
         self.holdout = None if state["holdout"] is None else state["holdout"].numpy()

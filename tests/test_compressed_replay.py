@@ -259,3 +259,116 @@ def test_codec_view_cached_and_on_the_fly_agree(smooth):
     assert cached.x is not None and lazy.x is None
     for a, b in zip(cached.__getitems__([0, 3, 5]), lazy.__getitems__([0, 3, 5]), strict=True):
         assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+# -- the continually learned codec (food paper) ------------------------------------------------
+TINY_CODEC = {
+    "arch": "bmshj2018-factorized",
+    "arch_kwargs": {"N": 8, "M": 8},
+    "first_steps": 4,
+    "task_steps": 4,
+    "batch_size": 4,
+    "lr": 1e-2,
+}
+
+
+def _u8(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def test_decoder_fixed_finetuning_keeps_old_bitstreams():
+    from clbench.codecs.continual import ENCODER_MODULES, ContinualCodecStorage
+
+    opts = {k: v for k, v in TINY_CODEC.items()}
+    st = ContinualCodecStorage(**opts)
+    st.fit(_u8(smooth_images(8, seed=1)))
+    old = smooth_images(6, seed=2)
+    bits = st.encode(old)
+    before = st.decode(bits)
+    state0 = {k: v.clone() for k, v in st.model.state_dict().items()}
+    rec = st.fit(_u8(smooth_images(8, seed=3)), weights=torch.rand(8, 1, 32, 32))
+    assert rec["trained"] == "encoder" and rec["cam"] and st.version == 2
+    after = st.decode(bits)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    state1 = st.model.state_dict()
+    moved = {k for k in state0 if not torch.equal(state0[k], state1[k])}
+    assert moved and all(k.split(".")[0] in ENCODER_MODULES for k in moved)
+    # and the fine-tuned encoder writes new bitstreams the fixed decoder reads
+    assert st.decode(st.encode(old))[0].shape == old[0].shape
+
+
+def test_grad_cam_equals_cam_for_a_pooled_linear_head():
+    from clbench.codecs.continual import grad_cam
+
+    torch.manual_seed(0)
+    conv, fc = torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.Linear(5, 4)
+    net = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc)
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 3])
+    got = grad_cam(net, x, y, net)
+    a = torch.relu(conv(x)).detach()
+    cam = torch.relu(torch.einsum("nchw,nc->nhw", a, fc.weight[y].detach()))[:, None]
+    cam = cam / cam.flatten(1).amax(1)[:, None, None, None]
+    assert got.shape == (3, 1, 8, 8)
+    torch.testing.assert_close(got, cam, atol=1e-5, rtol=1e-4)
+
+
+def test_rd_loss_weight_moves_the_distortion():
+    from clbench.codecs.continual import rd_loss
+
+    x = torch.zeros(1, 3, 4, 4)
+    x_hat = x.clone()
+    x_hat[..., :2] = 1.0  # errors on the left half only
+    out = {"x_hat": x_hat, "likelihoods": {"y": torch.ones(1, 2, 1, 1)}}
+    ones, left, right = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    left[..., :2], right[..., 2:] = 2.0, 2.0
+    plain = rd_loss(out, x, 0.01)["loss"]
+    assert torch.isclose(rd_loss(out, x, 0.01, ones)["loss"], plain)
+    assert torch.isclose(rd_loss(out, x, 0.01, left)["loss"], 2 * plain)
+    assert float(rd_loss(out, x, 0.01, right)["loss"]) == 0.0
+
+
+@pytest.mark.parametrize("cam", [False, True])
+def test_learned_codec_strategy_end_to_end_and_resume(smooth, tmp_path, cam):
+    cfg, sc = smooth
+    params = {"learned_codec": {**TINY_CODEC, "cam": cam}, "budget_bytes": "20kB"}
+    c = load_config({**cfg.to_dict(), "strategy_params": {"er-compressed": params}})
+    full = run_one(c, sc, "er-compressed", 0, tmp_path / "a", log=lambda s: None)
+    rep = full["strategy_report"]["learned_codec"]
+    assert [h["trained"] for h in rep["training"]] == ["all", "encoder"]
+    assert all(h["cam"] is cam for h in rep["training"])
+    mem = full["costs"]["memory"]
+    assert mem["codec_params_bytes"] == rep["params_bytes"] > 0
+    assert full["costs"]["memory_bytes"] == mem["buffer_bytes"] + mem["codec_params_bytes"]
+    assert 0 < mem["buffer_bytes"] <= 20_000 and mem["codec"].startswith("continual:")
+    out = tmp_path / "b"
+    assert run_one(c, sc, "er-compressed", 0, out, stop_after=1, log=lambda s: None) is None
+    resumed = run_one(c, sc, "er-compressed", 0, out, resume=True, log=lambda s: None)
+    assert resumed["metrics"]["accuracy_matrix"] == full["metrics"]["accuracy_matrix"]
+
+
+def test_codec_params_counted_against_the_budget(smooth, tmp_path):
+    cfg, sc = smooth
+    params = {"learned_codec": TINY_CODEC, "budget_bytes": 100_000, "count_codec_params": True}
+    c = load_config({**cfg.to_dict(), "strategy_params": {"er-compressed": params}})
+    rec = run_one(c, sc, "er-compressed", 0, tmp_path, log=lambda s: None)
+    mem = rec["costs"]["memory"]
+    assert mem["buffer_bytes"] + mem["codec_params_bytes"] <= 100_000
+    assert mem["buffer_bytes"] > 0
+    tight = {**params, "budget_bytes": 1000}
+    c = load_config({**cfg.to_dict(), "strategy_params": {"er-compressed": tight}})
+    with pytest.raises(ConfigError, match="learned codec's .* B exceed budget_bytes 1,000"):
+        run_one(c, sc, "er-compressed", 0, tmp_path / "t", log=lambda s: None)
+
+
+@pytest.mark.parametrize(
+    ("learned", "match"),
+    [
+        ({"arch": "bmshj2018-factorized", "steps": 3}, "learned_codec key 'steps' is unknown"),
+        ("bmshj2018-factorized", "learned_codec must be a mapping"),
+    ],
+)
+def test_bad_learned_codec_is_named(digits, learned, match):
+    cfg, sc = digits
+    c = load_config({**cfg.to_dict(), "strategy_params": {"er-compressed": {"learned_codec": learned}}})
+    with pytest.raises(ConfigError, match=match):
+        build_strategy(c, "er-compressed", sc, 0, torch.device("cpu"), False)
