@@ -34,7 +34,14 @@ from clbench.config import BenchmarkConfig
 from clbench.errors import ClbenchError, ConfigError
 from clbench.records import SCHEMA_VERSION, derived_metrics, write_bytes_atomic, write_json_atomic
 from clbench.scenarios import Scenario, build_scenario
-from clbench.strategies.base import STRATEGIES, Experience, Strategy, StrategyContext, autocast
+from clbench.strategies.base import (
+    STRATEGIES,
+    Experience,
+    Strategy,
+    StrategyContext,
+    autocast,
+    strategy_base,
+)
 
 PACKAGES = (
     "clbench",
@@ -176,7 +183,8 @@ def build_strategy(
     device: torch.device,
     progress: bool,
 ) -> Strategy:
-    cls = STRATEGIES.get(name)
+    base = strategy_base(name)
+    cls = STRATEGIES.get(base)
     ctx = StrategyContext(
         config=cfg,
         num_classes=scenario.num_classes,
@@ -188,7 +196,10 @@ def build_strategy(
         seed=seed,
         progress=progress,
     )
-    return cls(ctx, **(cfg.strategy_params.get(name) or {}))
+    # A labelled entry "er-compressed@learned" is its own leaderboard row: its parameters
+    # go over those of the plain strategy name.
+    params = {**(cfg.strategy_params.get(base) or {}), **(cfg.strategy_params.get(name) or {})}
+    return cls(ctx, **params)
 
 
 def run_one(
@@ -330,8 +341,8 @@ def run_benchmark(
     strategies = strategies or cfg.strategies
     seeds = seeds if seeds is not None else cfg.seeds
     for s in strategies:  # fail fast on a typo, before loading any data
-        STRATEGIES.get(s)
-    unknown = set(cfg.strategy_params) - set(STRATEGIES.names())
+        STRATEGIES.get(strategy_base(s))
+    unknown = {strategy_base(k) for k in cfg.strategy_params} - set(STRATEGIES.names())
     if unknown:
         raise ConfigError(
             f"strategy_params names unknown strategy {sorted(unknown)[0]!r}; valid: "

@@ -61,6 +61,12 @@ def register_strategy(name: str, defaults_file: Path | None = None) -> Callable[
     return deco
 
 
+def strategy_base(label: str) -> str:
+    """``"er-compressed@learned"`` -> ``"er-compressed"``: a benchmark may list one strategy
+    several times under labels, each with its own ``strategy_params`` entry."""
+    return label.split("@", 1)[0]
+
+
 class NonFiniteLossError(ClbenchError):
     """The loss became NaN/inf."""
 

@@ -165,6 +165,17 @@ def test_unknown_strategy_and_param(digits_scenario, tmp_path):
         run_one(bad, sc, "er", 0, tmp_path)
 
 
+def test_labelled_strategy_merges_params_over_the_plain_name(digits_scenario):
+    from clbench.runner import build_strategy
+
+    cfg, sc = digits_scenario
+    c = fast_cfg("strategy_params={er: {mem_size: 30, selection: herding}, er@big: {mem_size: 90}}")
+    dev = torch.device("cpu")
+    plain, big = (build_strategy(c, n, sc, 0, dev, False) for n in ("er", "er@big"))
+    assert type(big) is type(plain) and big.buffer.max_exemplars == 90
+    assert plain.buffer.max_exemplars == 30 and big.params["selection"] == "herding"
+
+
 # -- byte-budgeted buffer -------------------------------------------------------------------
 def test_parse_bytes():
     assert parse_bytes("2MB") == 2_000_000 and parse_bytes("1 KiB") == 1024 and parse_bytes(7) == 7
