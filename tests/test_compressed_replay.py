@@ -302,7 +302,9 @@ def test_grad_cam_equals_cam_for_a_pooled_linear_head():
 
     torch.manual_seed(0)
     conv, fc = torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.Linear(5, 4)
-    net = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc)
+    net = torch.nn.Sequential(
+        conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc
+    )
     x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 3])
     got = grad_cam(net, x, y, net)
     a = torch.relu(conv(x)).detach()
@@ -369,6 +371,8 @@ def test_codec_params_counted_against_the_budget(smooth, tmp_path):
 )
 def test_bad_learned_codec_is_named(digits, learned, match):
     cfg, sc = digits
-    c = load_config({**cfg.to_dict(), "strategy_params": {"er-compressed": {"learned_codec": learned}}})
+    c = load_config(
+        {**cfg.to_dict(), "strategy_params": {"er-compressed": {"learned_codec": learned}}}
+    )
     with pytest.raises(ConfigError, match=match):
         build_strategy(c, "er-compressed", sc, 0, torch.device("cpu"), False)

@@ -265,11 +265,12 @@ def _benchmarks():
 
 @pytest.mark.parametrize("name", _benchmarks())
 def test_every_benchmark_file_validates(name):
-    from clbench.strategies.base import STRATEGIES
+    from clbench.strategies.base import STRATEGIES, strategy_base
 
     cfg = load_config(name)
-    assert set(cfg.strategies) <= set(STRATEGIES.names())
-    assert set(cfg.strategy_params) <= set(STRATEGIES.names())
+    assert {strategy_base(s) for s in cfg.strategies} <= set(STRATEGIES.names())
+    for label, params in cfg.strategy_params.items():  # every key is one the strategy takes
+        assert set(params or {}) <= set(STRATEGIES.get(strategy_base(label)).defaults), label
 
 
 def test_cifar100_benchmark_on_a_fixture_in_torchvision_format(tmp_path):
