@@ -143,7 +143,9 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
             # still anneals to 0 instead of stopping at a high learning rate.
             plan = max(1, min(args.epochs, int(budget // elapsed)))
             if plan < args.epochs:
-                print(f"--time-budget-min {args.time_budget_min}: schedule re-planned to {plan} epochs")
+                print(
+                    f"--time-budget-min {args.time_budget_min}: schedule re-planned to {plan} epochs"
+                )
                 total = plan * len(loader)
                 warm = min(warm, max(len(loader), total // 10))
                 args.epochs = plan

@@ -314,7 +314,10 @@ def _record(cfg, scenario, strategy, name, seed, st: RunState, prov, wall0, T) -
             "train_images_per_s": st.images_trained / train_total if train_total else 0.0,
             "trainable_params": strategy.trainable_params(),
             "memory_bytes": int(
-                sum(mem.get(k) or 0 for k in ("buffer_bytes", "model_copies_bytes", "codec_params_bytes"))
+                sum(
+                    mem.get(k) or 0
+                    for k in ("buffer_bytes", "model_copies_bytes", "codec_params_bytes")
+                )
             ),
             "memory": mem,
             "peak_rss_bytes": peak_rss_bytes(),

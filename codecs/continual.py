@@ -47,7 +47,9 @@ def rd_loss(out: dict[str, Any], x: Tensor, lmbda: float, weight: Tensor | None 
     """lambda * 255^2 * (weighted) MSE + bpp, CompressAI's RateDistortionLoss with an optional
     per-pixel weight (which CompressAI's loss does not take, hence ours)."""
     n, _, h, w = x.shape
-    bpp = sum(torch.log(lk).sum() for lk in out["likelihoods"].values()) / (-math.log(2) * n * h * w)
+    bpp = sum(torch.log(lk).sum() for lk in out["likelihoods"].values()) / (
+        -math.log(2) * n * h * w
+    )
     err = (out["x_hat"] - x).pow(2)
     mse = (err * weight).mean() if weight is not None else err.mean()
     return {"loss": lmbda * 255**2 * mse + bpp, "bpp": bpp, "mse": err.mean()}
@@ -68,7 +70,9 @@ def grad_cam(model: nn.Module, x: Tensor, y: Tensor, logits: Callable[[Tensor], 
             x = x.detach().requires_grad_(True)
             score = logits(x).gather(1, y[:, None]).sum()
             if not acts:
-                raise ConfigError("codec cam: the backbone has no 4-D activation to take a CAM from")
+                raise ConfigError(
+                    "codec cam: the backbone has no 4-D activation to take a CAM from"
+                )
             a = acts[-1]
             (g,) = torch.autograd.grad(score, a)
     finally:
@@ -142,7 +146,11 @@ class ContinualCodecStorage:
         gen = torch.Generator().manual_seed(self.seed + self.version)
         if first:
             optims = net_aux_optimizer(
-                model, {"net": {"type": "Adam", "lr": self.lr}, "aux": {"type": "Adam", "lr": self.aux_lr}}
+                model,
+                {
+                    "net": {"type": "Adam", "lr": self.lr},
+                    "aux": {"type": "Adam", "lr": self.aux_lr},
+                },
             )
             net, aux = optims["net"], optims["aux"]
             params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
@@ -157,7 +165,9 @@ class ContinualCodecStorage:
         t0, stats = time.perf_counter(), []
         try:
             for _ in range(steps):
-                idx = torch.randint(0, len(images), (min(self.batch_size, len(images)),), generator=gen)
+                idx = torch.randint(
+                    0, len(images), (min(self.batch_size, len(images)),), generator=gen
+                )
                 x = images[idx].float().div_(255.0)
                 w = None
                 if weights is not None:
