@@ -54,6 +54,7 @@ class BackboneConfig:
 class TransformConfig:
     augment: str = "none"  # none | crop_flip
     crop_padding: int = 4
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # resized_crop_flip
     normalize: bool = True
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])

@@ -58,7 +58,7 @@ def build_transforms(cfg: BenchmarkConfig, size: int) -> dict[str, Callable | No
         "crop_flip": [v2.RandomCrop(size, padding=t.crop_padding), v2.RandomHorizontalFlip()],
         "flip": [v2.RandomHorizontalFlip()],
         "resized_crop_flip": [
-            v2.RandomResizedCrop(size, antialias=True),
+            v2.RandomResizedCrop(size, scale=tuple(t.rrc_scale), antialias=True),
             v2.RandomHorizontalFlip(),
         ],
     }

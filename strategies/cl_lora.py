@@ -96,6 +96,13 @@ DOWN_INITS: dict[str, Callable[[int, int, torch.Generator], Tensor]] = {
 }
 
 
+def fp32_head(head: nn.Module, feats: Tensor) -> Tensor:
+    """The cosine head outside autocast: under bf16 a cosine's ~2^-9 resolution would zero
+    the distillation gradient of small student-teacher drifts (the official code is fp32)."""
+    with torch.autocast(feats.device.type, enabled=False):
+        return head(feats.float())
+
+
 class _PerQKV:
     """Official code: one weight per block per q/k/v, init U(0.5, 1.5), used as is."""
 
@@ -518,10 +525,10 @@ class CLLoRA(Strategy):
         p, net = self.params, self.net
         with torch.no_grad():
             f_t = net.pool(net.shared(emb, teacher=True))
-        t_logits = head(f_t)
+        t_logits = fp32_head(head, f_t)
         if not p["kd_head_grad"]:
             t_logits = t_logits.detach()
-        s_logits = head(net.pool(net.shared(emb)))
+        s_logits = fp32_head(head, net.pool(net.shared(emb)))
         return p["kd_weight"] * soft_cross_entropy(s_logits, t_logits, p["kd_temperature"])
 
     def ce_loss(
@@ -533,8 +540,8 @@ class CLLoRA(Strategy):
         orth: Callable[[CLLoRAViT], Tensor] | None,
     ) -> Tensor:
         """Step 2: cross-entropy over the task's classes (+ the orthogonality loss)."""
-        logits = head(self.net.features(emb, task, embedded=True))
-        loss = F.cross_entropy(logits.float(), y)
+        logits = fp32_head(head, self.net.features(emb, task, embedded=True))
+        loss = F.cross_entropy(logits, y)
         if orth is not None:
             loss = loss + self.params["orth_weight"] * orth(self.net)
         return loss

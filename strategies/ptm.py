@@ -231,17 +231,23 @@ def _local_labels(classes: list[int], num_classes: int, device: torch.device) ->
 # -- SimpleCIL -------------------------------------------------------------------------------
 
 
-@register_strategy("simplecil", DEFAULTS_FILE)
-class SimpleCIL(PTMStrategy):
-    """Zhou et al. 2023 (PILOT ``simplecil``, ``tuned_epoch: 0``): class means of the frozen
-    PTM's features (training images, eval transforms) as a cosine classifier."""
+class PrototypeClassifier(PTMStrategy):
+    """Cosine classifier over class means of ``embed`` features (training images, eval
+    transforms), computed after ``prepare`` has adapted the model for the task."""
 
     def __init__(self, ctx: StrategyContext, **params: Any):
         super().__init__(ctx, **params)
         self.protos = Prototypes(self.device)
 
+    def embed(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def prepare(self, exp: Experience) -> None:
+        """Adapt the model before the task's prototypes are taken (nothing by default)."""
+
     def train_experience(self, exp: Experience) -> None:
-        feats, labels = self.features(exp.data("eval"), self.backbone)
+        self.prepare(exp)
+        feats, labels = self.features(exp.data("eval"), self.embed)
         self.protos.add(feats, labels, exp.classes)
         self.n_seen = self.protos.means.shape[0]
 
@@ -249,7 +255,7 @@ class SimpleCIL(PTMStrategy):
     def predict(self, x: Tensor) -> Tensor:
         self.backbone.eval()
         with autocast(self.device, self.amp):
-            f = self.backbone(x.to(self.device))
+            f = self.embed(x.to(self.device))
         return self.protos.logits(f)
 
     def memory(self) -> dict[str, Any]:
@@ -267,6 +273,12 @@ class SimpleCIL(PTMStrategy):
         self._check_fingerprint(state)
         self.protos.means = state["prototypes"].to(self.device)
         self.n_seen = int(state["n_seen"])
+
+
+@register_strategy("simplecil", DEFAULTS_FILE)
+class SimpleCIL(PrototypeClassifier):
+    """Zhou et al. 2023 (PILOT ``simplecil``, ``tuned_epoch: 0``): class means of the frozen
+    PTM's features as a cosine classifier."""
 
 
 # -- Seq-LoRA --------------------------------------------------------------------------------
@@ -370,16 +382,12 @@ class FirstSessionAdapted(PTMStrategy):
 
 
 @register_strategy("aper", DEFAULTS_FILE)
-class APER(FirstSessionAdapted):
+class APER(FirstSessionAdapted, PrototypeClassifier):
     """APER/ADAM with adapters (Zhou et al. 2023, PILOT ``aper_adapter``): adapters tuned on
     the first task; every class's prototype is the mean of [pre-trained, adapted] features
     (concatenated), classified by cosine."""
 
-    def __init__(self, ctx: StrategyContext, **params: Any):
-        super().__init__(ctx, **params)
-        self.protos = Prototypes(self.device)
-
-    def dual_features(self, x: Tensor) -> Tensor:
+    def embed(self, x: Tensor) -> Tensor:
         set_adapters(self.backbone, False)
         try:
             f_ptm = self.backbone(x)
@@ -387,38 +395,16 @@ class APER(FirstSessionAdapted):
             set_adapters(self.backbone, True)
         return torch.cat((f_ptm, self.backbone(x)), dim=1)
 
-    def train_experience(self, exp: Experience) -> None:
+    def prepare(self, exp: Experience) -> None:
         self.tune_first_session(exp)
-        feats, labels = self.features(exp.data("eval"), self.dual_features)
-        self.protos.add(feats, labels, exp.classes)
-        self.n_seen = self.protos.means.shape[0]
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        self.backbone.eval()
-        with autocast(self.device, self.amp):
-            f = self.dual_features(x.to(self.device))
-        return self.protos.logits(f)
-
-    def memory(self) -> dict[str, Any]:
-        m = self.protos.means
-        return {**super().memory(), "model_copies_bytes": m.numel() * m.element_size()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "adapters": self.adapter_state(),
-            "tuned": self.tuned,
-            "prototypes": self.protos.means.cpu(),
-            "n_seen": self.n_seen,
-            "backbone_fingerprint": self._fingerprint(),
-        }
+        return {**super().state_dict(), "adapters": self.adapter_state(), "tuned": self.tuned}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_fingerprint(state)
+        super().load_state_dict(state)
         self.load_adapter_state(state["adapters"])
         self.tuned = bool(state["tuned"])
-        self.protos.means = state["prototypes"].to(self.device)
-        self.n_seen = int(state["n_seen"])
 
 
 def ridge_select(
