@@ -73,7 +73,11 @@ class CodecStorage:
         from clbench.codecs import get_codec
 
         self.codec = get_codec(spec)
-        self.name = spec
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec
 
     def encode(self, images: Sequence[np.ndarray]) -> list[bytes]:
         return self.codec.encode(list(images))

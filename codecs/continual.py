@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.codecs.base import format_spec
-from clbench.codecs.registry import get_codec
 from clbench.errors import ConfigError
+from clbench.memory import CodecStorage
 
 ENCODER_MODULES = ("g_a", "h_a")
 
@@ -84,7 +84,7 @@ def grad_cam(model: nn.Module, x: Tensor, y: Tensor, logits: Callable[[Tensor], 
     return cam / peak
 
 
-class ContinualCodecStorage:
+class ContinualCodecStorage(CodecStorage):
     """Replay storage whose codec is trained on task 0 and encoder-fine-tuned afterwards."""
 
     def __init__(
@@ -101,8 +101,7 @@ class ContinualCodecStorage:
         cam_floor: float = 0.2,
         seed: int = 0,
     ):
-        opts = {"pretrained": False, **(arch_kwargs or {})}
-        self.codec = get_codec(format_spec(arch, opts))
+        super().__init__(format_spec(arch, {"pretrained": False, **(arch_kwargs or {})}))
         self.model: nn.Module = self.codec.model
         if not hasattr(self.model, "aux_loss"):
             raise ConfigError(f"learned_codec: {arch} is not a trainable CompressAI-style codec")
@@ -114,19 +113,10 @@ class ContinualCodecStorage:
         self.version = 0  # bumped on every fit, so views keyed by name see a new codec
         self.history: list[dict[str, Any]] = []
 
-    # -- the Storage contract ---------------------------------------------------------------
+    # -- the Storage contract: CodecStorage's, with a versioned name ----------------------
     @property
     def name(self) -> str:
         return f"continual:{self.arch}@v{self.version}"
-
-    def encode(self, images: Sequence[np.ndarray]) -> list[bytes]:
-        return self.codec.encode(list(images))
-
-    def nbytes(self, payload: bytes) -> int:
-        return len(payload)
-
-    def decode(self, payloads: Sequence[bytes]) -> list[np.ndarray]:
-        return self.codec.decode(list(payloads))
 
     # -- training -------------------------------------------------------------------------------
     def encoder_parameters(self) -> list[nn.Parameter]:
