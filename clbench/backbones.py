@@ -203,10 +203,12 @@ def create_backbone(cfg: BackboneConfig, image_size: int) -> nn.Module:
     except (OSError, RuntimeError, ValueError) as e:
         if not (cfg.pretrained or cfg.checkpoint):
             raise
+        where = f"backbone.checkpoint {cfg.checkpoint}" if cfg.checkpoint else "the HF cache"
         raise ClbenchError(
-            f"cannot load pretrained weights of backbone {cfg.name!r} ({type(e).__name__}); put "
-            "them in the Hugging Face cache (huggingface-cli download timm/<model>) or set "
-            "backbone.checkpoint to a local weights file"
+            f"cannot load pretrained weights of backbone {cfg.name!r} from {where} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); put them in the Hugging Face "
+            "cache (huggingface-cli download timm/<model>) or set backbone.checkpoint to a local "
+            "weights file"
         ) from None
     return model
 

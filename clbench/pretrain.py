@@ -169,7 +169,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": time.time() - start,
         "seed": args.seed,
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion would not load with weights_only
         "timm": timm.__version__,
         "command": "clbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "normalize": False,

@@ -70,3 +70,28 @@ def test_registered_backbone_from_local_checkpoint(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     src.eval(), m.eval()
     assert torch.equal(m(x), src(x))
+
+
+def test_clbench_pretrain_checkpoint_loads_as_a_benchmark_backbone(tmp_path):
+    """`clbench pretrain` on a Tiny-ImageNet fixture; its checkpoint must load through
+    backbone.checkpoint (timm's weights-only loader) and give the pre-trained features."""
+    from fixtures_datasets import write_tinyimagenet
+
+    from clbench.cli import main
+
+    write_tinyimagenet(tmp_path, ["n01", "n02", "n03", "n04"], per_class=(4, 1))
+    out = tmp_path / "vit.pt"
+    kwargs = "{img_size: 32, patch_size: 16, depth: 2, embed_dim: 24, num_heads: 2}"
+    argv = ["pretrain", "--data-root", str(tmp_path), "--class-range", "2", "4", "--epochs", "1"]
+    argv += ["--batch-size", "4", "--model-kwargs", kwargs, "--out", str(out), "--threads", "1"]
+    assert main(argv) == 0
+    ck = torch.load(out, weights_only=True)
+    assert ck["meta"]["class_range"] == [2, 4] and 0 <= ck["meta"]["test_accuracy"] <= 1
+    cfg = BackboneConfig(
+        name="vit_tiny_patch16_224",
+        checkpoint=str(out),
+        kwargs={"img_size": 32, "patch_size": 16, "depth": 2, "embed_dim": 24, "num_heads": 2},
+    )
+    model = create_backbone(cfg, 32).eval()
+    state = {k: v for k, v in ck["state_dict"].items() if not k.startswith("head.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
