@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16-batch", type=int, default=2)
     ap.add_argument("--train-batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--parts",
+        nargs="*",
+        choices=["bf16", "train"],
+        default=["bf16", "train"],
+        help="what to measure after the fp32 inference table (none: that table only)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "perf")
     args = ap.parse_args(argv)
     if args.threads:
@@ -199,39 +206,43 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         res["inference_fp32"].append(row)
 
-    # bf16 autocast vs fp32: speed and agreement on an easy task (2 classes per task)
-    T = args.bf16_tasks
-    net = build(args.model, T, args.rank, args.shared_blocks, size)
-    n_cls = 2 * T
-    xp, _ = colour_images(n_cls, 1, size, seed=1)
-    fp = features(net, xp, "efficient", False)  # [T, n_cls, C]
-    protos = torch.stack([fp[c // 2, c] for c in range(n_cls)])  # class c under its task
-    xt, yt = colour_images(n_cls, 1, size, seed=2)
-    xb = xt[: args.bf16_batch]
-    amp_rows = []
-    logits = {}
-    for mode in ("reference", "efficient"):
-        for bf16 in (False, True):
-            t = timed(lambda m=mode, b=bf16: features(net, xb, m, b), args.reps)
-            row = {"mode": mode, "dtype": "bf16" if bf16 else "fp32", "img_s": len(xb) / t}
-            if mode == "efficient":  # both paths give the same logits: score one of them
-                logits[bf16] = logits_from(features(net, xt, mode, bf16), protos, 2)
-                row["accuracy"] = float((logits[bf16].argmax(1) == yt).float().mean())
-            amp_rows.append(row)
-            print(json.dumps(row), flush=True)
-    a, b = logits[False], logits[True]
-    res["bf16_vs_fp32"] = {
-        "max_abs_logit_diff": float((a - b).abs().max()),
-        "top1_agreement": float((a.argmax(1) == b.argmax(1)).float().mean()),
-    }
-    res["bf16_check"] = {"tasks": T, "batch": len(xb), "n_test": len(xt), "rows": amp_rows}
+    if "bf16" in args.parts:
+        # bf16 autocast vs fp32: speed and agreement on an easy task (2 classes per task)
+        T = args.bf16_tasks
+        net = build(args.model, T, args.rank, args.shared_blocks, size)
+        n_cls = 2 * T
+        xp, _ = colour_images(n_cls, 1, size, seed=1)
+        fp = features(net, xp, "efficient", False)  # [T, n_cls, C]
+        protos = torch.stack([fp[c // 2, c] for c in range(n_cls)])  # class c under its task
+        xt, yt = colour_images(n_cls, 1, size, seed=2)
+        xb = xt[: args.bf16_batch]
+        amp_rows = []
+        logits = {}
+        for mode in ("reference", "efficient"):
+            for bf16 in (False, True):
+                t = timed(lambda m=mode, b=bf16: features(net, xb, m, b), args.reps)
+                row = {"mode": mode, "dtype": "bf16" if bf16 else "fp32", "img_s": len(xb) / t}
+                if mode == "efficient":  # both paths give the same logits: score one of them
+                    logits[bf16] = logits_from(features(net, xt, mode, bf16), protos, 2)
+                    row["accuracy"] = float((logits[bf16].argmax(1) == yt).float().mean())
+                amp_rows.append(row)
+                print(json.dumps(row), flush=True)
+        a, b = logits[False], logits[True]
+        res["bf16_vs_fp32"] = {
+            "max_abs_logit_diff": float((a - b).abs().max()),
+            "top1_agreement": float((a.argmax(1) == b.argmax(1)).float().mean()),
+        }
+        res["bf16_check"] = {"tasks": T, "batch": len(xb), "n_test": len(xt), "rows": amp_rows}
 
-    # training step (a task after the first: two optimiser steps), fp32 and bf16
-    res["train_step_s"] = {"batch": args.train_batch}
-    for name, bf16 in (("fp32", False), ("bf16", True)):
-        net = build(args.model, 1, args.rank, args.shared_blocks, size)
-        res["train_step_s"][name] = train_step_time(net, args.train_batch, size, bf16, args.reps)
-    print(json.dumps(res["train_step_s"]), flush=True)
+    if "train" in args.parts:
+        # training step (a task after the first: two optimiser steps), fp32 and bf16
+        res["train_step_s"] = {"batch": args.train_batch}
+        for name, bf16 in (("fp32", False), ("bf16", True)):
+            net = build(args.model, 1, args.rank, args.shared_blocks, size)
+            res["train_step_s"][name] = train_step_time(
+                net, args.train_batch, size, bf16, args.reps
+            )
+        print(json.dumps(res["train_step_s"]), flush=True)
     res["wall_s"] = time.time() - t0
     write(res, args.out)
     return 0
@@ -264,35 +275,36 @@ def write(res: dict, out: Path) -> None:
             + ", ".join(f"{c}: {v:.3f}" for c, v in r["efficient_img_s_by_chunk"].items())
             + f" | {r['best_chunk']} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['max_abs_feature_diff']:.1e} |"
         )
-    b = res["bf16_check"]
-    lines += [
-        "",
-        f"## CPU bf16 autocast vs fp32 (T={b['tasks']}, batch {b['batch']}; accuracy on "
-        f"{b['n_test']} colour-coded test images, chance {1 / (2 * b['tasks']):.2f})",
-        "",
-        "| path | dtype | img/s | accuracy |",
-        "|---|---|---|---|",
-    ]
-    for r in b["rows"]:
-        acc = f"{r['accuracy']:.2f}" if "accuracy" in r else "(same logits as efficient)"
-        lines.append(f"| {r['mode']} | {r['dtype']} | {r['img_s']:.3f} | {acc} |")
-    d = res["bf16_vs_fp32"]
-    lines += [
-        "",
-        f"bf16 vs fp32 logits: max abs difference {d['max_abs_logit_diff']:.2e}, top-1 "
-        f"agreement {d['top1_agreement']:.2f}.",
-    ]
-    t = res["train_step_s"]
-    lines += [
-        "",
-        f"## Training step (task after the first: distillation step + CE step), batch {t['batch']}",
-        "",
-        f"fp32: {t['fp32']:.2f} s/step; bf16 autocast: {t['bf16']:.2f} s/step "
-        f"({t['fp32'] / t['bf16']:.2f}x).",
-        "",
-        f"Wall time of the benchmark: {res['wall_s']:.0f} s.",
-        "",
-    ]
+    if "bf16_check" in res:
+        b = res["bf16_check"]
+        lines += [
+            "",
+            f"## CPU bf16 autocast vs fp32 (T={b['tasks']}, batch {b['batch']}; accuracy on "
+            f"{b['n_test']} colour-coded test images, chance {1 / (2 * b['tasks']):.2f})",
+            "",
+            "| path | dtype | img/s | accuracy |",
+            "|---|---|---|---|",
+        ]
+        for r in b["rows"]:
+            acc = f"{r['accuracy']:.2f}" if "accuracy" in r else "(same logits as efficient)"
+            lines.append(f"| {r['mode']} | {r['dtype']} | {r['img_s']:.3f} | {acc} |")
+        d = res["bf16_vs_fp32"]
+        lines += [
+            "",
+            f"bf16 vs fp32 logits: max abs difference {d['max_abs_logit_diff']:.2e}, top-1 "
+            f"agreement {d['top1_agreement']:.2f}.",
+        ]
+    if "train_step_s" in res:
+        t = res["train_step_s"]
+        lines += [
+            "",
+            f"## Training step (task after the first: distillation step + CE step), batch {t['batch']}",
+            "",
+            f"fp32: {t['fp32']:.2f} s/step; bf16 autocast: {t['bf16']:.2f} s/step "
+            f"({t['fp32'] / t['bf16']:.2f}x).",
+            "",
+        ]
+    lines += ["", f"Wall time of the benchmark: {res['wall_s']:.0f} s.", ""]
     (out / "cl_lora_inference.md").write_text("\n".join(lines))
 
 
