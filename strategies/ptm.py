@@ -681,6 +681,7 @@ class InfLoRA(PTMStrategy):
         self.task_classes: list[list[int]] = []
         self.bases: list[Tensor | None] = [None] * len(self.qkvs)  # DualGPM, [C, k] each
         self.kinds: list[str] = ["remove"] * len(self.qkvs)
+        self.protected: list[list[int]] = []  # per task: DualGPM dims protected, per block
 
     # -- DualGPM (official update_DualGPM) ----------------------------------------------------
     def _collect(self, data: Any) -> list[Tensor]:
@@ -751,6 +752,17 @@ class InfLoRA(PTMStrategy):
                 self.bases[i] = torch.linalg.svd(base)[0][:, base.shape[1] :]
                 self.kinds[i] = "retain"
 
+    def _protected_dims(self) -> list[int]:
+        """Input dimensions DualGPM protects in each block (a 'retain' basis stores the
+        complement): how much room later tasks' A_t have left."""
+        return [
+            0 if b is None else (b.shape[1] if k == "remove" else b.shape[0] - b.shape[1])
+            for b, k in zip(self.bases, self.kinds, strict=True)
+        ]
+
+    def report(self) -> dict[str, Any]:
+        return {"dual_gpm_protected_dims": self.protected, "input_dim": self.dim}
+
     # -- training and inference ---------------------------------------------------------------
     def train_experience(self, exp: Experience) -> None:
         task = len(self.task_classes)
@@ -769,6 +781,7 @@ class InfLoRA(PTMStrategy):
         for q in (*ups, *head.parameters()):
             q.requires_grad_(False)
         self._update_dual_gpm(self._collect(exp.data("train")), task)
+        self.protected.append(self._protected_dims())
         self.task_classes.append(classes)
         self.n_seen = max(self.n_seen, classes[-1] + 1)
 
@@ -796,6 +809,7 @@ class InfLoRA(PTMStrategy):
             "task_classes": [list(c) for c in self.task_classes],
             "bases": [None if b is None else b.cpu() for b in self.bases],
             "kinds": list(self.kinds),
+            "protected": [list(p) for p in self.protected],
             "n_seen": self.n_seen,
             "backbone_fingerprint": self._fingerprint(),
         }
@@ -816,4 +830,5 @@ class InfLoRA(PTMStrategy):
         self.task_classes = [list(c) for c in state["task_classes"]]
         self.bases = list(state["bases"])
         self.kinds = list(state["kinds"])
+        self.protected = [list(p) for p in state.get("protected", [])]
         self.n_seen = int(state["n_seen"])

@@ -149,3 +149,7 @@ def test_inflora_designs_down_projections_outside_earlier_subspace():
         assert residual.abs().max() < 1e-5, kind
     # B of k and v in 4 blocks (2 x 64 x 4 each) + the task's head (64 x 2 + 2)
     assert s.trainable_params() == 4 * 2 * 64 * 4 + 64 * 2 + 2
+    # the record reports, per task and block, how many input dimensions DualGPM protects
+    dims = s.report()["dual_gpm_protected_dims"]
+    assert len(dims) == 2 and len(dims[0]) == len(s.qkvs)
+    assert all(0 < d <= 64 for d in dims[0]) and all(b >= a for a, b in zip(*dims, strict=True))
