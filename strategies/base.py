@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,3 +350,21 @@ class Strategy(ABC):
                 outs.append(fn(self.to_device(batch[0])).float())
             ys.append(torch.as_tensor(batch[1]))
         return torch.cat(outs), torch.cat(ys)
+
+
+def extend_class_means(
+    means: Tensor, feats: Tensor, labels: Tensor, classes: Iterable[int], who: str
+) -> Tensor:
+    """``means`` ([n_old, d], rows = class ids) grown to cover ``classes``, each new row the
+    mean of that class's ``feats``; earlier rows are kept as they were (prototype methods
+    never recompute old classes)."""
+    classes = sorted(int(c) for c in classes)
+    out = torch.zeros(max(means.shape[0], classes[-1] + 1), feats.shape[1], device=feats.device)
+    if means.numel():
+        out[: means.shape[0]] = means
+    for c in classes:
+        sel = labels == c
+        if not sel.any():
+            raise ConfigError(f"{who}: class {c} has no training images; check the dataset")
+        out[c] = feats[sel].mean(0)
+    return out

@@ -68,6 +68,7 @@ from clbench.strategies.base import (
     Strategy,
     StrategyContext,
     autocast,
+    extend_class_means,
     load_defaults,
     register_strategy,
 )
@@ -587,17 +588,11 @@ class CLLoRA(Strategy):
         labels = labels.to(self.device)
         feats = feats.to(self.device)
         classes = sorted(int(c) for c in exp.classes)
-        n_seen = max(self.n_seen, max(classes) + 1)
-        protos = torch.zeros(n_seen, feats.shape[1], device=self.device)
-        protos[: self.prototypes.shape[0]] = self.prototypes
-        for c in classes:
-            sel = labels == c
-            if not sel.any():
-                raise ConfigError(f"cl-lora: class {c} of experience {exp.index} has no images")
-            protos[c] = feats[sel].mean(0)
-        self.prototypes = protos
+        self.prototypes = extend_class_means(
+            self.prototypes, feats, labels, classes, f"cl-lora, experience {exp.index}"
+        )
         self.task_classes.append(classes)
-        self.n_seen = n_seen
+        self.n_seen = max(self.n_seen, self.prototypes.shape[0])
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()

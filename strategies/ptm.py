@@ -35,6 +35,7 @@ from clbench.strategies.base import (
     Strategy,
     StrategyContext,
     autocast,
+    extend_class_means,
     register_strategy,
 )
 from clbench.strategies.cl_lora import CosineHead
@@ -53,17 +54,7 @@ class Prototypes:
         self.means = torch.zeros(0, 0, device=device)
 
     def add(self, feats: Tensor, labels: Tensor, classes: Iterable[int]) -> None:
-        classes = sorted(int(c) for c in classes)
-        n = max(self.means.shape[0], classes[-1] + 1)
-        means = torch.zeros(n, feats.shape[1], device=feats.device)
-        if self.means.numel():
-            means[: self.means.shape[0]] = self.means
-        for c in classes:
-            sel = labels == c
-            if not sel.any():
-                raise ConfigError(f"class {c} has no training images")
-            means[c] = feats[sel].mean(0)
-        self.means = means
+        self.means = extend_class_means(self.means, feats, labels, classes, "prototypes")
 
     def logits(self, feats: Tensor) -> Tensor:
         return F.normalize(feats.float(), dim=1) @ F.normalize(self.means, dim=1).T
