@@ -55,6 +55,9 @@ class TransformConfig:
     augment: str = "none"  # none | crop_flip
     crop_padding: int = 4
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # resized_crop_flip
+    # evaluation geometry: resize the shorter side to eval_resize (bicubic), centre-crop
+    # image_size; PILOT/CL-LoRA use 256 -> 224. None: evaluate at image_size directly.
+    eval_resize: int | None = None
     normalize: bool = True
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])

@@ -30,10 +30,17 @@ from clbench.errors import ConfigError
 class ImageSetDataset(Dataset):
     """Torch view of an :class:`ImageSet`: ``(uint8 CHW tensor, label)``, labels remapped."""
 
-    def __init__(self, images: ImageSet, label_map: np.ndarray, size: int | None = None):
+    def __init__(
+        self,
+        images: ImageSet,
+        label_map: np.ndarray,
+        size: int | None = None,
+        interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
+    ):
         self.images = images
         self.targets = label_map[images.targets].tolist()
         self.size = size
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -42,7 +49,7 @@ class ImageSetDataset(Dataset):
         img = torch.from_numpy(np.ascontiguousarray(self.images.image(i))).permute(2, 0, 1)
         if self.size is not None and img.shape[-2:] != (self.size, self.size):
             # file-based sets have mixed sizes: bring them to one size for batching
-            img = v2.functional.resize(img, self.size, antialias=True)
+            img = v2.functional.resize(img, self.size, self.interpolation, antialias=True)
             img = v2.functional.center_crop(img, self.size)
         return img, self.targets[i]
 
@@ -64,9 +71,18 @@ def build_transforms(cfg: BenchmarkConfig, size: int) -> dict[str, Callable | No
     }
     if t.augment not in augment:
         raise ConfigError(f"transforms.augment {t.augment!r}: valid values: {', '.join(augment)}")
+    geometry: list = []
+    if t.eval_resize is not None:
+        if t.eval_resize < size:
+            raise ConfigError(
+                f"transforms.eval_resize {t.eval_resize} is smaller than the input size {size}: "
+                f"set it to at least {size} (PILOT: 256 for 224), or null to evaluate at {size}"
+            )
+        bicubic = v2.InterpolationMode.BICUBIC
+        geometry = [v2.Resize(t.eval_resize, bicubic, antialias=True), v2.CenterCrop(size)]
     return {
         "train": v2.Compose([*augment[t.augment], *tail]),
-        "eval": v2.Compose(tail),
+        "eval": v2.Compose([*geometry, *tail]),
         "raw": None,
     }
 
@@ -169,8 +185,14 @@ def build_scenario(cfg: BenchmarkConfig, data_root: str | Path | None = None) ->
     transforms = build_transforms(cfg, size)
     groups = {k: (v, None) for k, v in transforms.items()}
     av = {}
+    # a lazy test set is decoded straight to the evaluation resize, so its eval geometry is
+    # one resample of the original file, as in PILOT (the eval Resize is then a no-op)
+    lazy = dict.fromkeys(sets, (size, v2.InterpolationMode.BILINEAR))
+    if cfg.transforms.eval_resize is not None:
+        lazy["test"] = (cfg.transforms.eval_resize, v2.InterpolationMode.BICUBIC)
     for key, s in sets.items():
-        ds = ImageSetDataset(s, label_map, size=None if s.images is not None else size)
+        lazy_size, interp = lazy[key]
+        ds = ImageSetDataset(s, label_map, None if s.images is not None else lazy_size, interp)
         av[key] = _make_taskaware_classification_dataset(
             ds, targets=ds.targets, transform_groups=groups, initial_transform_group="train"
         )

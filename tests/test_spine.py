@@ -293,3 +293,31 @@ def test_food101_style_split_keeps_all_101_classes(tmp_path):
     assert sum(len(e.dataset) for e in sc.test_stream) == 101
     x, _, _ = sc.train_stream[0].dataset.eval()[0]
     assert x.shape == (3, 16, 16)
+
+
+def test_eval_resize_is_pilots_resize_then_centre_crop(tmp_path):
+    """transforms.eval_resize: the shorter side to eval_resize (bicubic), centre crop (PILOT)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8))  # non-square
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "imagenet-r" / split / cls).mkdir(parents=True)
+            im.save(tmp_path / "imagenet-r" / split / cls / "x.png")
+    overrides = ["dataset.image_size=16", "scenario.split=B0Inc1", "scenario.num_experiences=2"]
+    cfg = load_config("imagenet-r-ptm", [*overrides, "transforms.eval_resize=20"])
+    x, _, _ = build_scenario(cfg, tmp_path).test_stream[0].dataset.eval()[0]
+    ref = im.resize((30, 20), Image.Resampling.BICUBIC).crop((7, 2, 23, 18))  # 20 x 30 -> 16
+    ref = torch.from_numpy(np.asarray(ref)).permute(2, 0, 1).float() / 255
+    assert x.shape == (3, 16, 16) and (x - ref).abs().max() <= 2 / 255
+    direct, _, _ = (
+        build_scenario(load_config("imagenet-r-ptm", overrides), tmp_path)
+        .test_stream[0]
+        .dataset.eval()[0]
+    )
+    assert (direct - ref).abs().mean() > 0.05  # without it: the whole shorter side, no margin
+    with pytest.raises(ConfigError, match="transforms.eval_resize 8 is smaller"):
+        build_scenario(
+            load_config("imagenet-r-ptm", [*overrides, "transforms.eval_resize=8"]), tmp_path
+        )
