@@ -44,6 +44,7 @@ STRATEGIES: Registry[type[Strategy]] = Registry(
         "clbench.strategies.compressed_replay",
         "clbench.strategies.cl_lora",
         "clbench.strategies.ptm",
+        "clbench.strategies.prompts",
     ),
 )
 

@@ -7,12 +7,11 @@
   (ReLU) and a ridge-regression head accumulated over tasks.
 * ``aper``: APER/ADAM with AdaptFormer adapters tuned on the first task, then a prototype
   classifier on the concatenated [pre-trained, adapted] features.
-* ``l2p``: Learning to Prompt (prompt pool, key-query selection, prefix prompts).
 * ``inflora``: InfLoRA (per-task k/v LoRA whose frozen down-projection is designed from the
   task's input covariance outside the DualGPM subspace of earlier tasks).
 
 Facts (not code) from LAMDA-CL/LAMDA-PILOT (``models/simplecil.py``, ``aper_adapter.py``,
-``ranpac.py``, ``l2p.py``, ``backbone/vit_adapter.py``, ``backbone/prompt.py``,
+``ranpac.py``, ``backbone/vit_adapter.py``,
 ``exps/*.json``) and liangyanshuo/InfLoRA (``methods/inflora.py``, ``models/vit_inflora.py``,
 ``utils/schedulers.py``, ``configs/*.json``); published defaults are in ``ptm.yaml``.
 """
@@ -492,112 +491,6 @@ class RanPAC(FirstSessionAdapted):
             setattr(self, k, state[k].to(self.device))
         self.ridge = float(state["ridge"])
         self.n_seen = int(state["n_seen"])
-
-
-# -- L2P ---------------------------------------------------------------------------------------
-
-
-@register_strategy("l2p", DEFAULTS_FILE)
-class L2P(PTMStrategy):
-    """Learning to Prompt (Wang et al. 2022; PILOT ``l2p``): a pool of prompts with learnable
-    keys; the frozen ViT's CLS feature is the query, the top-k keys by cosine pick the prompts
-    prepended to the patch tokens; the classifier reads the mean of the prompt tokens'
-    outputs; loss = CE (old classes masked) - ``pull_coeff`` * query-key similarity.
-
-    Our own rather than Avalanche 0.6's ``LearningToPrompt``: its ViT
-    (``avalanche.models.timm_vit``) indexes ``pretrained_cfg["url"]``, which timm >= 0.9's
-    ``PretrainedCfg`` dataclass does not support, so it cannot even be built with timm 1.x.
-    One deviation from the official code: there the positional embedding is extended to
-    the prompt positions (resized from the pre-trained one, frozen); here the prompts are
-    inserted after timm's own positional embedding and carry none."""
-
-    def __init__(self, ctx: StrategyContext, **params: Any):
-        super().__init__(ctx, **params)
-        p = self.params
-        if p["batchwise_prompt"] not in BATCHWISE:
-            raise ConfigError(
-                f"l2p batchwise_prompt {p['batchwise_prompt']!r}: valid: {', '.join(BATCHWISE)}"
-            )
-        if not hasattr(self.backbone, "patch_embed"):
-            raise ConfigError("l2p needs a timm VisionTransformer backbone")
-        gen = torch.Generator().manual_seed(ctx.seed + 4099)
-        size, length, dim = int(p["pool_size"]), int(p["length"]), self.dim
-        self.prompt = nn.Parameter(
-            (torch.rand(size, length, dim, generator=gen) * 2 - 1).to(self.device)
-        )
-        self.keys = nn.Parameter((torch.rand(size, dim, generator=gen) * 2 - 1).to(self.device))
-        self.head = IncrementalHead(dim, ctx.num_classes).to(self.device)
-
-    def select(self, query: Tensor, training: bool) -> tuple[Tensor, Tensor]:
-        """Top-k prompt indices [B, k] and the pull-constraint similarity (a scalar)."""
-        q = F.normalize(query.float(), dim=1)
-        k = F.normalize(self.keys, dim=1)
-        idx = torch.topk(q @ k.T, int(self.params["top_k"]), dim=1).indices
-        if BATCHWISE[self.params["batchwise_prompt"]](training):
-            # the batch's most frequently chosen prompts, for every image (official code)
-            counts = torch.bincount(idx.flatten(), minlength=k.shape[0])
-            idx = torch.topk(counts, idx.shape[1]).indices.expand(idx.shape[0], -1)
-        reduce_sim = (k[idx] * q[:, None]).sum() / q.shape[0]
-        return idx, reduce_sim
-
-    def prompted_features(self, x: Tensor, idx: Tensor) -> Tensor:
-        v = self.backbone
-        t = v._pos_embed(v.patch_embed(x))
-        prompts = self.prompt[idx].reshape(x.shape[0], -1, t.shape[-1]).to(t.dtype)
-        n_pre = v.num_prefix_tokens
-        t = torch.cat((t[:, :n_pre], prompts, t[:, n_pre:]), dim=1)
-        t = v.norm(v.blocks(v.norm_pre(t)))
-        return t[:, n_pre : n_pre + prompts.shape[1]].mean(1)
-
-    def logits(self, x: Tensor, n_seen: int, training: bool) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            query = self.backbone(x)  # the frozen ViT's pre-logits CLS feature
-        idx, reduce_sim = self.select(query, training)
-        return self.head(self.prompted_features(x, idx), n_seen).float(), reduce_sim
-
-    def train_experience(self, exp: Experience) -> None:
-        n_seen = max(self.n_seen, max(exp.classes) + 1)
-        known = min(exp.classes)
-
-        def loss_fn(x: Tensor, y: Tensor) -> Tensor:
-            logits, reduce_sim = self.logits(x, n_seen, training=True)
-            logits = logits.clone()
-            logits[:, :known] = float("-inf")  # official train mask: old classes out
-            return F.cross_entropy(logits, y) - self.params["pull_coeff"] * reduce_sim
-
-        params = [self.prompt, self.keys, *self.head.parameters()]
-        self.train_loop(params, exp.data("train"), loss_fn, exp.index)
-        self.n_seen = n_seen
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        self.backbone.eval()
-        with autocast(self.device, self.amp):
-            return self.logits(x.to(self.device), self.n_seen, training=False)[0]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "prompt": self.prompt.detach().cpu(),
-            "keys": self.keys.detach().cpu(),
-            "head": {k: v.cpu() for k, v in self.head.state_dict().items()},
-            "n_seen": self.n_seen,
-            "backbone_fingerprint": self._fingerprint(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_fingerprint(state)
-        with torch.no_grad():
-            self.prompt.copy_(state["prompt"])
-            self.keys.copy_(state["keys"])
-        self.head.load_state_dict(state["head"])
-        self.n_seen = int(state["n_seen"])
-
-
-BATCHWISE: dict[str, Callable[[bool], bool]] = {
-    "always": lambda training: True,  # official L2P / PILOT (eval depends on the batch)
-    "train": lambda training: training,
-    "off": lambda training: False,
-}
 
 
 # -- InfLoRA -----------------------------------------------------------------------------------

@@ -20,6 +20,15 @@ TINY = {
     # depend on the image); the published defaults are in ptm.yaml
     "l2p": {"epochs": 15, "lr": 0.05, "batch_size": 4, "pool_size": 4, "top_k": 2, "length": 2},
     "inflora": {"epochs": 2, "lr": 0.01, "batch_size": 4, "rank": 4},
+    # the tiny ViT has 4 blocks: prefixes in blocks 0-1 (G) / 2-3 (E), 0-3 (CODA)
+    "dualprompt": {"epochs": 8, "lr": 0.05, "batch_size": 4, "e_layers": [2, 3], "pool_size": 4},
+    "coda-prompt": {
+        "epochs": 8,
+        "lr": 0.05,
+        "batch_size": 4,
+        "layers": [0, 1, 2, 3],
+        "pool_size": 8,
+    },
 }
 NAMES = [n for n in TINY if n in STRATEGIES]
 
@@ -153,3 +162,105 @@ def test_inflora_designs_down_projections_outside_earlier_subspace():
     dims = s.report()["dual_gpm_protected_dims"]
     assert len(dims) == 2 and len(dims[0]) == len(s.qkvs)
     assert all(0 < d <= 64 for d in dims[0]) and all(b >= a for a, b in zip(*dims, strict=True))
+
+
+def test_prefix_attention_is_attention_over_prefixed_keys_and_values():
+    from test_cl_lora import tiny_vit
+
+    from clbench.strategies.prompts import prefix_attention
+
+    attn = tiny_vit().blocks[0].attn.eval()
+    g = torch.Generator().manual_seed(0)
+    x, pk, pv = (torch.randn(2, n, 64, generator=g) for n in (5, 3, 3))
+    out = prefix_attention(attn, x, pk, pv)
+    q, k, v = attn.qkv(x).reshape(2, 5, 3, 2, 32).permute(2, 0, 3, 1, 4)
+    k = torch.cat((pk.reshape(2, 3, 2, 32).transpose(1, 2), k), 2)
+    v = torch.cat((pv.reshape(2, 3, 2, 32).transpose(1, 2), v), 2)
+    w = torch.softmax(q @ k.transpose(-2, -1) / 32**0.5, -1)
+    ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 5, 64))
+    assert torch.allclose(out, ref, atol=1e-5)
+    # an empty prefix is timm's own attention
+    empty = torch.zeros(2, 0, 64)
+    assert torch.allclose(prefix_attention(attn, x, empty, empty), attn(x), atol=1e-5)
+
+
+def test_dualprompt_trains_its_tasks_e_prompt_and_selects_by_key_at_test():
+    s = build("dualprompt", batchwise_prompt="off")
+    exps, tests = make_experiences()
+    start = {k: v.detach().clone() for k, v in s.prompts.items()}
+    s.train_experience(exps[0])
+    e0 = s.prompts["e_prompt"].detach().clone()
+    moved = (e0 - start["e_prompt"]).flatten(3).abs().sum(-1)  # [layers, 2, pool]
+    assert (moved[:, :, 0] > 0).all() and (moved[:, :, 1:] == 0).all()  # the prompt mask
+    assert not torch.equal(s.prompts["g_prompt"], start["g_prompt"])
+    s.task += 1
+    s.begin_task(exps[1])  # task 1's E-prompt starts as task 0's (shared_prompt_pool)
+    assert torch.equal(s.prompts["e_prompt"][:, :, 1], e0[:, :, 0])
+    s.task -= 1
+    # at test time the E-prompt is the one whose key is nearest the query
+    with torch.no_grad():
+        s.prompts["e_keys"].zero_()
+        s.prompts["e_keys"][3] = s.backbone(tests[0].x).mean(0)
+    from clbench.strategies.prompts import select_prompts
+
+    idx = select_prompts(s.backbone(tests[0].x), s.prompts["e_keys"], 1, False)
+    assert (idx == 3).all()
+
+
+def test_coda_prompt_components_are_orthonormal_and_earlier_ones_frozen():
+    s = build("coda-prompt")  # pool 8 over 2 tasks: 4 new components per task
+    exps, _ = make_experiences()
+    s.train_experience(exps[0])
+    before = {k: v.detach().clone() for k, v in s.prompts.items()}
+    s.train_experience(exps[1])
+    for name, par in s.prompts.items():
+        flat, old = par.detach().flatten(1), before[name].flatten(1)
+        assert torch.equal(flat[:4], old[:4]), name  # task 0's components frozen
+        assert not torch.equal(flat[4:], old[4:]), name  # task 1's trained
+    # a fresh draw of task 1's components: unit rows, orthogonal to each other and to the
+    # span of task 0's (trained, no longer orthogonal) components
+    s.task = 1
+    s.begin_task(exps[1])
+    for name, par in s.prompts.items():
+        flat = par.detach().double().flatten(1)
+        new = flat[4:]
+        assert torch.allclose(new @ new.T, torch.eye(4, dtype=torch.float64), atol=1e-5), name
+        basis = torch.linalg.qr(flat[:4].T).Q
+        assert (new @ basis).abs().max() < 1e-5, name
+
+
+def test_coda_prompt_weights_are_cosines_of_attended_query_and_keys():
+    s = build("coda-prompt", layers=[0])
+    exps, tests = make_experiences()
+    s.train_experience(exps[0])
+    captured = {}
+    import clbench.strategies.prompts as prompts
+
+    real = prompts.prefixed_features
+
+    def spy(vit, x, prefixes):
+        captured.update(prefixes)
+        return real(vit, x, prefixes)
+
+    prompts.prefixed_features = spy
+    try:
+        s.prompted(tests[0].x, training=False)
+    finally:
+        prompts.prefixed_features = real
+    q = s.backbone(tests[0].x).detach()
+    k, a, p = (s.prompts[f"{n}0"][:4].detach() for n in "kap")
+    w = torch.nn.functional.cosine_similarity(q[:, None] * a[None], k[None], dim=2)
+    prompt = torch.einsum("bn,nlc->blc", w, p)
+    assert torch.allclose(captured[0][0], prompt[:, :4], atol=1e-5)
+    assert torch.allclose(captured[0][1], prompt[:, 4:], atol=1e-5)
+
+
+def test_prompt_methods_reject_bad_layers_and_pools():
+    from clbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dualprompt e_layers: block indices \[4\]"):
+        build("dualprompt", e_layers=[2, 4])
+    with pytest.raises(ConfigError, match="coda-prompt pool_size 1 is smaller than the number"):
+        build("coda-prompt", pool_size=1)
+    with pytest.raises(ConfigError, match="batchwise_prompt 'sometimes'"):
+        build("l2p", batchwise_prompt="sometimes")
