@@ -178,6 +178,9 @@ class PromptStrategy(PTMStrategy):
             "head": {k: v.cpu() for k, v in self.head.state_dict().items()},
             "n_seen": self.n_seen,
             "task": self.task,
+            # CODA-Prompt draws each task's components at its start: a resumed run must
+            # continue the same random stream
+            "generator": self.gen.get_state(),
             "backbone_fingerprint": self._fingerprint(),
         }
 
@@ -189,6 +192,8 @@ class PromptStrategy(PTMStrategy):
         self.head.load_state_dict(state["head"])
         self.n_seen = int(state["n_seen"])
         self.task = int(state.get("task", -1))
+        if "generator" in state:  # absent in checkpoints written before it was saved
+            self.gen.set_state(state["generator"])
 
 
 # -- L2P ----------------------------------------------------------------------------------------

@@ -264,3 +264,17 @@ def test_prompt_methods_reject_bad_layers_and_pools():
         build("coda-prompt", pool_size=1)
     with pytest.raises(ConfigError, match="batchwise_prompt 'sometimes'"):
         build("l2p", batchwise_prompt="sometimes")
+
+
+def test_coda_prompt_resume_draws_the_same_new_components():
+    """A task's components are drawn at its start: a resumed run must draw the same ones."""
+    exps, _ = make_experiences()
+    a = build("coda-prompt", epochs=1)
+    a.train_experience(exps[0])
+    b = build("coda-prompt", epochs=1)
+    b.load_state_dict(_roundtrip(a.state_dict()))
+    for s in (a, b):
+        s.task += 1
+        s.begin_task(exps[1])
+    for name, par in a.prompts.items():
+        assert torch.equal(par, b.prompts[name]), name
