@@ -12,24 +12,29 @@ import shlex
 import sys
 from pathlib import Path
 
-from clbench.errors import ClbenchError
+from clbench.errors import exit_status
+from clbench.records import DEFAULT_RESULTS_DIR as DEFAULT_OUT
 
 # sub-command providers: (module, function adding its parser); each lives beside what it runs
 COMMAND_PROVIDERS = (
     ("clbench.leaderboard", "add_leaderboard_command"),
     ("clbench.codecs.cli", "add_codec_commands"),
     ("clbench.pretrain", "add_pretrain_command"),
+    ("clbench.sweep", "add_sweep_command"),
+    ("clbench.reproduce", "add_reproduce_command"),
 )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from clbench.config import load_config
-    from clbench.runner import _git_state, run_benchmark
+    from clbench.provenance import pin_git_state
 
-    _git_state()  # pin the provenance commit before any long work
-    cfg = load_config(args.benchmark, args.set)
+    pin_git_state()  # the provenance commit is the code loaded now, not at the end
+    cfg = load_config(args.benchmark, args.set)  # config errors come before heavy imports
+    from clbench.runner import run_benchmark
+
     out = Path(args.out)
-    command = "clbench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "clbench " + shlex.join(sys.argv[1:])
     run_benchmark(
         cfg,
         out,
@@ -41,12 +46,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         command=command,
         progress=not args.no_progress,
+        lock_timeout=args.lock_timeout,
     )
     if not args.no_leaderboard:
         from clbench.leaderboard import build_leaderboard
 
-        res = build_leaderboard(out)
-        print(f"leaderboard: {', '.join(str(p) for p in res.paths)}")
+        res = build_leaderboard(out, lock_timeout=max(args.lock_timeout, 60.0))
+        print(f"leaderboard: {', '.join(str(p) for p in res.paths[:3])} and {out / 'plots'}/")
     return 0
 
 
@@ -98,13 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.epochs=3",
     )
-    r.add_argument("--out", default="results", help="results directory (default: results)")
+    r.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help=f"results folder (default: {DEFAULT_OUT}/, git-ignored; committed evidence uses "
+        "--out results)",
+    )
     r.add_argument("--data-root", help="dataset root (default: $CLBENCH_DATA_ROOT, then ./data)")
     r.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     r.add_argument(
         "--resume", action="store_true", help="continue killed runs from their checkpoints"
     )
-    r.add_argument("--force", action="store_true", help="re-run even if a complete record exists")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="re-run even if a complete record exists (replacing it, also when its config differs)",
+    )
+    r.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for a run that another process is writing (default 0: exit at once)",
+    )
     r.add_argument("--no-leaderboard", action="store_true", help="do not rebuild the leaderboard")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=_cmd_run)
@@ -134,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
-    except ClbenchError as e:
-        print(f"clbench: error: {e}", file=sys.stderr)
-        return 2
+        return exit_status(args.func, args)
     except KeyboardInterrupt:
         print("clbench: interrupted; re-run with --resume to continue", file=sys.stderr)
         return 130

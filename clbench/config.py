@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,8 @@ class DatasetConfig:
 class ScenarioConfig:
     split: str = "B0Inc2"  # B{base}Inc{inc}; base 0 means the first experience has inc classes
     num_experiences: int | None = None  # optional cross-check of the split
-    class_order: str | list[int] = "icarl"  # icarl (numpy seed 1993) | sorted | explicit list
+    # a registered order (icarl: numpy seed 1993; identity = sorted) or a list of ids/names
+    class_order: str | list[int | str] = "icarl"
     class_order_seed: int = 1993
 
 
@@ -120,6 +120,13 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
+    """:func:`_build` for other YAML files (codec evaluation), so every config error reads
+    the same. Fields typed with a dataclass this module does not know keep their mapping
+    (the caller builds them)."""
+    return _build(cls, data, where)
+
+
 _SCALARS = {"float": float, "int": int, "bool": bool, "str": str}
 
 
@@ -180,6 +187,8 @@ def find_benchmark(name_or_path: str) -> Path:
     """A benchmark name (``digits``) resolves to ``benchmarks/<name>.yaml``; a path is used as is."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
+        if p.is_dir():
+            raise ConfigError(f"benchmark file {p} is a folder; pass a .yaml file")
         if not p.is_file():
             raise ConfigError(f"benchmark file {p} does not exist")
         return p
@@ -202,9 +211,25 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
     else:
         path = find_benchmark(str(source))
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"benchmark file {path}: invalid YAML{where}: {what}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"benchmark file {path} cannot be read: {e}") from None
+        if data is None:  # an empty file would otherwise run the built-in defaults
+            raise ConfigError(
+                f"benchmark file {path} is empty; it needs at least a dataset and strategies "
+                "(see benchmarks/digits.yaml)"
+            )
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"benchmark file {path} holds a YAML {_yaml_kind(data)}, expected a mapping of "
+                "sections (dataset, scenario, backbone, transforms, train, strategies, seeds, "
+                "strategy_params); see benchmarks/digits.yaml"
+            )
         data.setdefault("name", path.stem)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
@@ -213,57 +238,38 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
     return cfg
 
 
-SPLIT_RE = re.compile(r"^B(\d+)Inc(\d+)$")
-
-
-def split_sizes(split: str, num_classes: int, num_experiences: int | None = None) -> list[int]:
-    """Classes per experience for ``B{base}Inc{inc}``.
-
-    PyCIL convention: a base experience of ``base`` classes (if > 0), then ``inc`` each; a
-    remainder that ``inc`` does not divide becomes a final smaller experience, so no class
-    is ever dropped (Avalanche's ``num_experiences`` would drop it).
-    """
-    m = SPLIT_RE.match(split)
-    if not m:
-        raise ConfigError(
-            f"scenario.split {split!r}: expected the form B<base>Inc<inc>, e.g. B0Inc10"
-        )
-    base, inc = int(m.group(1)), int(m.group(2))
-    if inc <= 0:
-        raise ConfigError(f"scenario.split {split!r}: the increment must be > 0")
-    if base >= num_classes or (base == 0 and inc > num_classes):
-        raise ConfigError(
-            f"scenario.split {split!r}: base {base} + increments of {inc} do not fit "
-            f"{num_classes} classes; use a base < {num_classes} and an increment <= {num_classes}"
-        )
-    sizes = [base] if base else []
-    while sum(sizes) < num_classes:
-        sizes.append(min(inc, num_classes - sum(sizes)))
-    if num_experiences is not None and num_experiences != len(sizes):
-        raise ConfigError(
-            f"scenario.split {split!r} on {num_classes} classes gives {len(sizes)} experiences "
-            f"({'+'.join(map(str, sizes))}), but scenario.num_experiences is {num_experiences}; "
-            "fix one of them"
-        )
-    return sizes
+def _yaml_kind(data: Any) -> str:
+    return "list" if isinstance(data, list) else f"scalar ({data!r:.40})"
 
 
 def _check(cfg: BenchmarkConfig) -> None:
+    if not isinstance(cfg.strategies, list) or not all(isinstance(s, str) for s in cfg.strategies):
+        raise ConfigError(f"strategies {cfg.strategies!r}: expected a list of strategy names")
     if not cfg.strategies:
         raise ConfigError("strategies: list at least one strategy")
+    if not isinstance(cfg.seeds, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in cfg.seeds
+    ):
+        raise ConfigError(f"seeds {cfg.seeds!r}: expected a list of integers")
     if not cfg.seeds:
         raise ConfigError("seeds: list at least one seed")
+    params = cfg.strategy_params
+    if not isinstance(params, dict) or not all(
+        isinstance(v, dict) or v is None for v in params.values()
+    ):
+        raise ConfigError(
+            "strategy_params: expected a mapping of strategy name to its parameters, e.g. "
+            "strategy_params: {er: {mem_size: 200}}"
+        )
     if cfg.train.epochs < 0 or cfg.train.batch_size <= 0:
         raise ConfigError("train.epochs must be >= 0 and train.batch_size > 0")
     if cfg.train.amp is False:  # YAML 1.1 reads a bare `off` as false
         cfg.train.amp = "off"
     if cfg.train.amp not in ("auto", "bf16", "fp16", "off"):
         raise ConfigError(f"train.amp {cfg.train.amp!r}: valid values: auto, bf16, fp16, off")
-    order = cfg.scenario.class_order
-    if isinstance(order, str) and order not in ("icarl", "sorted"):
-        raise ConfigError(
-            f"scenario.class_order {order!r}: valid values: icarl, sorted, or a list of class ids"
-        )
+    from clbench.datasets.class_order import check_class_order  # the class-order registry
+
+    check_class_order(cfg.scenario.class_order)
     if cfg.dataset.class_range is not None:
         r = cfg.dataset.class_range
         if not (isinstance(r, list) and len(r) == 2 and 0 <= r[0] < r[1]):

@@ -29,15 +29,15 @@ from pathlib import Path
 import pandas as pd
 
 from clbench import plots
-from clbench.errors import ClbenchError
+from clbench.atomic import check_writable_dir, remove_orphans, run_lock, write_group_atomic
+from clbench.errors import ClbenchError, exit_status
 from clbench.records import (
+    DEFAULT_RESULTS_DIR,
+    LOCKS_SUBDIR,
     RUNS_SUBDIR,
     RunRecord,
     load_records,
-    write_bytes_atomic,
 )
-
-DEFAULT_RESULTS_DIR = Path("results")
 
 # Per-seed metric columns aggregated as mean and std; (column, header, getter).
 _METRICS: list[tuple[str, str, Callable[[RunRecord], float]]] = [
@@ -53,7 +53,7 @@ CSV_COLUMNS = [
     "benchmark", "rank", "strategy", "n_seeds", "seeds",
     *(f"{col}_{stat}" for col, _, _ in _METRICS for stat in ("mean", "std")),
     "memory_bytes", "exemplars", "mean_bpp", "trainable_params",
-    "wall_time_s_mean", "wall_time_s_std",
+    "wall_time_s_mean", "wall_time_s_std", "config_fingerprint", "untrained", "commands",
 ]  # fmt: skip
 
 
@@ -76,7 +76,14 @@ def runs_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
     rows = []
     for r in records:
         memory = r.memory
-        row = {"benchmark": r.benchmark, "strategy": r.strategy, "seed": r.seed}
+        row = {
+            "benchmark": r.benchmark,
+            "strategy": r.strategy,
+            "config_fingerprint": r.config_fingerprint,
+            "seed": r.seed,
+            "untrained": r.untrained,
+            "command": r.command,
+        }
         row.update({col: get(r) for col, _, get in _METRICS})
         row.update(
             memory_bytes=r.costs["memory_bytes"],
@@ -94,8 +101,12 @@ def runs_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
 
 
 def aggregate(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """benchmark -> table with one row per strategy: n seeds, mean/std (ddof=1) of each
-    metric, mean costs; sorted by Ā mean descending, ties by strategy name."""
+    """benchmark -> table with one row per (strategy, config): n seeds, mean/std (ddof=1) of
+    each metric, mean costs, the commands; sorted by Ā mean descending, ties by name.
+
+    Runs of one strategy with different configs (fingerprints) are never averaged together:
+    each config is its own row, its ``label`` carrying the fingerprint's first 8 digits.
+    """
     named = {
         "n_seeds": ("seed", "nunique"),
         "seeds": ("seed", lambda s: ";".join(str(v) for v in sorted(s))),
@@ -110,14 +121,24 @@ def aggregate(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
         trainable_params=("trainable_params", "mean"),
         wall_time_s_mean=("wall_time_s", "mean"),
         wall_time_s_std=("wall_time_s", lambda s: s.std(ddof=1)),
+        untrained=("untrained", "any"),
+        commands=("command", lambda s: list(dict.fromkeys(s))),
     )
-    table = runs.groupby(["benchmark", "strategy"], sort=True).agg(**named).reset_index()
+    keys = ["benchmark", "strategy", "config_fingerprint"]
+    table = runs.groupby(keys, sort=True).agg(**named).reset_index()
+    configs = table.groupby(["benchmark", "strategy"])["config_fingerprint"].transform("nunique")
+    table["label"] = [
+        s + (f" [config {fp[:8]}]" if n > 1 else "") + (" (untrained)" if u else "")
+        for s, fp, n, u in zip(
+            table["strategy"], table["config_fingerprint"], configs, table["untrained"], strict=True
+        )
+    ]
     # Byte and count columns are exact integers in the CSV (normally equal across seeds).
     for col in ("memory_bytes", "exemplars", "trainable_params"):
         table[col] = table[col].round().astype("Int64")
     tables = {}
     for bench, t in table.groupby("benchmark", sort=True):
-        t = t.sort_values([SORT_KEY, "strategy"], ascending=[False, True]).reset_index(drop=True)
+        t = t.sort_values([SORT_KEY, "label"], ascending=[False, True]).reset_index(drop=True)
         tables[str(bench)] = t
     return tables
 
@@ -150,17 +171,21 @@ def _pct(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def _display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Header and text cells for md/html; replay columns only when some run has them."""
+def _display_rows(
+    table: pd.DataFrame, commands: Sequence[str]
+) -> tuple[list[str], list[list[str]]]:
+    """Header and text cells for md/html; replay columns only when some run has them. The
+    Command column numbers each row's commands in ``commands`` (listed under the table)."""
     show_exemplars = bool(table["exemplars"].notna().any())
     show_bpp = bool(table["mean_bpp"].notna().any())
     header = ["#", "Strategy", "Seeds"]
     header += [h for col, h, _ in _METRICS if col in _SHOWN_METRICS]
     header += ["Memory"] + ["Exemplars"] * show_exemplars + ["Mean bpp"] * show_bpp
-    header += ["Trainable params", "Wall time"]
+    header += ["Trainable params", "Wall time", "Command"]
+    number = {c: k for k, c in enumerate(commands, start=1)}
     rows = []
     for rank, t in enumerate(table.itertuples(index=False), start=1):
-        cells = [str(rank), t.strategy, str(t.n_seeds)]
+        cells = [str(rank), t.label, str(t.n_seeds)]
         cells += [_pct(getattr(t, f"{c}_mean"), getattr(t, f"{c}_std")) for c in _SHOWN_METRICS]
         cells.append(human_bytes(t.memory_bytes))
         if show_exemplars:
@@ -168,6 +193,7 @@ def _display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         if show_bpp:
             cells.append("—" if pd.isna(t.mean_bpp) else f"{t.mean_bpp:.3f}")
         cells += [f"{t.trainable_params:,}", human_seconds(t.wall_time_s_mean)]
+        cells.append(", ".join(str(number[c]) for c in t.commands))
         rows.append(cells)
     return header, rows
 
@@ -191,11 +217,13 @@ def _md_cell(s: str) -> str:
     return s.replace("|", r"\|")
 
 
-def _md_fence(text: str) -> str:
-    # A fence longer than any backtick run in the text, so a command cannot close it.
+def _md_code(text: str) -> str:
+    # Inline code delimited by a backtick run longer than any in the text, so a command
+    # cannot close it; padded with spaces when the text itself starts or ends with one.
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}\n{text}\n{fence}"
+    tick = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{tick}{pad}{text}{pad}{tick}"
 
 
 # --------------------------------------------------------------------------- writers
@@ -216,7 +244,8 @@ def _markdown(ctx: _Context) -> str:
         "docs/run-records.md.",
     ]
     for bench, table in ctx.tables.items():
-        header, rows = _display_rows(table)
+        commands, commits = _provenance(ctx.by_bench[bench])
+        header, rows = _display_rows(table, commands)
         out += ["", f"## {bench}", ""]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---" if h == "Strategy" else "---:" for h in header) + "|")
@@ -227,9 +256,9 @@ def _markdown(ctx: _Context) -> str:
             for r in ctx.by_bench[bench]
         )
         out += [f"Accuracy matrices: {links}", ""]
-        commands, commits = _provenance(ctx.by_bench[bench])
-        out += ["Produced by:", "", _md_fence("\n".join(commands)), ""]
-        out.append("Git commit(s): " + ", ".join(f"`{c}`" for c in commits))
+        out += ["Produced by (the Command column numbers these):", ""]
+        out += [f"{k}. {_md_code(c)}" for k, c in enumerate(commands, start=1)]
+        out += ["", "Git commit(s): " + ", ".join(f"`{c}`" for c in commits)]
     out += ["", "## Skipped records", ""]
     if ctx.skipped:
         out += [f"- `{ctx.rel(p)}`: {_md_cell(reason)}" for p, reason in ctx.skipped]
@@ -266,7 +295,8 @@ def _html(ctx: _Context) -> str:
         "strategy beyond the live model (SI units).</p>",
     ]
     for bench, table in ctx.tables.items():
-        header, rows = _display_rows(table)
+        commands, commits = _provenance(ctx.by_bench[bench])
+        header, rows = _display_rows(table, commands)
         name_col = header.index("Strategy")
 
         def cls(k: int, name_col: int = name_col) -> str:
@@ -288,8 +318,8 @@ def _html(ctx: _Context) -> str:
             img = _img(ctx.png[ctx.matrix_plots[r.run_id]], f"accuracy matrix {r.run_id}")
             body.append(f"<figure>{img}<figcaption>{e(r.run_id)}</figcaption></figure>")
         body.append("</div></details>")
-        commands, commits = _provenance(runs)
-        body.append(f"<p>Produced by:</p><pre>{e(chr(10).join(commands))}</pre>")
+        items = "".join(f"<li><code>{e(c)}</code></li>" for c in commands)
+        body.append(f"<p>Produced by (the Command column numbers these):</p><ol>{items}</ol>")
         body.append(
             "<p>Git commit(s): " + ", ".join(f"<code>{e(c)}</code>" for c in commits) + "</p>"
         )
@@ -318,6 +348,7 @@ def _csv(tables: dict[str, pd.DataFrame]) -> str:
         return ",".join(CSV_COLUMNS) + "\n"
     frame = pd.concat(list(tables.values()), ignore_index=True)
     frame.insert(1, "rank", frame.groupby("benchmark").cumcount() + 1)
+    frame["commands"] = frame["commands"].map(" ; ".join)
     frame = frame[CSV_COLUMNS]
     # 10 decimals is far below any accuracy's resolution and hides float noise like
     # 0.20000000000000007 or a std of 1e-16 for identical seeds.
@@ -348,15 +379,23 @@ class _Context:
 # --------------------------------------------------------------------------- entry points
 
 
-def build_leaderboard(results_dir: Path, out_dir: Path | None = None) -> LeaderboardResult:
+def build_leaderboard(
+    results_dir: Path, out_dir: Path | None = None, *, lock_timeout: float = 60.0
+) -> LeaderboardResult:
     """Read ``results_dir/runs/*.json`` and write the leaderboard files and plots.
+
+    md, csv, html and the PNGs are written as one group (``clbench.atomic.write_group_atomic``):
+    a kill mid-write leaves the previous complete set, or one that the next call completes.
+    Writers of one folder take turns on ``<out>/.locks/leaderboard.lock``.
 
     Args:
         results_dir: the folder holding ``runs/``.
         out_dir: where leaderboard.{md,csv,html} and plots/ go (default: ``results_dir``).
+        lock_timeout: seconds to wait for another process writing the same leaderboard.
 
     Raises:
-        ClbenchError: the folder or its ``runs/`` is missing, or holds no ``*.json``.
+        ClbenchError: the folder or its ``runs/`` is missing or holds no ``*.json``, or the
+            output folder is a file or not writable (checked before anything is written).
     """
     results_dir = Path(results_dir)
     out_dir = Path(out_dir) if out_dir is not None else results_dir
@@ -366,6 +405,16 @@ def build_leaderboard(results_dir: Path, out_dir: Path | None = None) -> Leaderb
         raise ClbenchError(f"results directory {results_dir} does not exist; {how}")
     if not runs_dir.is_dir() or not any(runs_dir.glob("*.json")):
         raise ClbenchError(f"no run records (*.json) found in {runs_dir}; {how}")
+    check_writable_dir(out_dir, "leaderboard folder")
+    plots_dir = out_dir / "plots"
+    with run_lock(
+        out_dir / LOCKS_SUBDIR / "leaderboard.lock", lock_timeout, what="the leaderboard"
+    ):
+        remove_orphans(out_dir, plots_dir)
+        return _build(results_dir, out_dir, plots_dir)
+
+
+def _build(results_dir: Path, out_dir: Path, plots_dir: Path) -> LeaderboardResult:
     records, skipped = load_records(results_dir)
     by_bench: dict[str, list[RunRecord]] = {}
     for r in records:
@@ -373,11 +422,15 @@ def build_leaderboard(results_dir: Path, out_dir: Path | None = None) -> Leaderb
     tables = aggregate(runs_frame(records)) if records else {}
     ctx = _Context(str(results_dir), out_dir, records, skipped, tables, by_bench)
 
-    plots_dir = out_dir / "plots"
     for bench, table in tables.items():
+        rows = by_bench[bench]
         curves = {
-            s: [r.accuracy_seen for r in by_bench[bench] if r.strategy == s]
-            for s in table["strategy"]
+            t.label: [
+                r.accuracy_seen
+                for r in rows
+                if (r.strategy, r.config_fingerprint) == (t.strategy, t.config_fingerprint)
+            ]
+            for t in table.itertuples(index=False)
         }
         path = plots_dir / f"{_safe(bench)}__accuracy_seen.png"
         ctx.seen_plots[bench] = path
@@ -395,8 +448,7 @@ def build_leaderboard(results_dir: Path, out_dir: Path | None = None) -> Leaderb
         out_dir / "leaderboard.html": _html(ctx).encode("utf-8"),
     }
     outputs.update(ctx.png)
-    for path, data in outputs.items():
-        write_bytes_atomic(path, data)
+    write_group_atomic(out_dir, outputs)
     return LeaderboardResult(
         paths=list(outputs),
         tables=tables,
@@ -414,9 +466,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "results_dir",
         nargs="?",
         type=Path,
-        default=DEFAULT_RESULTS_DIR,
+        default=Path(DEFAULT_RESULTS_DIR),
         metavar="RESULTS_DIR",
-        help="folder holding runs/<run_id>.json (default: results/)",
+        help=f"folder holding runs/<run_id>.json (default: {DEFAULT_RESULTS_DIR}/, where "
+        "`clbench run` writes; the committed evidence is in results/)",
     )
     parser.add_argument(
         "--out",
@@ -457,12 +510,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clbench leaderboard")
     _add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run_leaderboard(args)
-    except ClbenchError as e:
-        print(f"clbench: error: {e}", file=sys.stderr)
-        return 2
+    return exit_status(run_leaderboard, args)
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------- shared writers
+# Tables and pages for other reports (the codec evaluation's report.md / report.html), in
+# the leaderboard's style: text columns left-aligned, numbers right-aligned, one CSS.
+
+
+def md_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: Sequence[int] = (0,)
+) -> str:
+    """A Markdown table; cells are escaped for '|'."""
+    out = ["| " + " | ".join(_md_cell(h) for h in header) + " |"]
+    out.append(
+        "|" + "|".join("---" if k in text_columns else "---:" for k in range(len(header))) + "|"
+    )
+    out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def html_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: Sequence[int] = (0,)
+) -> str:
+    """An HTML table (cells escaped) styled by :func:`html_document`'s CSS."""
+    e = html.escape
+
+    def cls(k: int) -> str:
+        return ' class="name"' if k in text_columns else ""
+
+    head = "".join(f"<th{cls(k)}>{e(h)}</th>" for k, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f"<td{cls(k)}>{e(c)}</td>" for k, c in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_image(png: bytes, alt: str) -> str:
+    """A PNG embedded as base64, so the page is self-contained."""
+    return _img(png, alt)
+
+
+def html_document(title: str, body: Sequence[str]) -> str:
+    """A self-contained HTML page (inline CSS) around ready HTML fragments."""
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

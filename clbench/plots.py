@@ -12,6 +12,7 @@ import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -123,3 +124,60 @@ def _int_locator():
     from matplotlib.ticker import MaxNLocator
 
     return MaxNLocator(integer=True)
+
+
+def _label_axes(ax: Axes, *, xlabel: str, ylabel: str, title: str, logx: bool) -> None:
+    """The axes dressing every x/y chart here shares."""
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
+def curves_png(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    dashed: Sequence[str] = (),
+    logx: bool = False,
+) -> bytes:
+    """Labelled (x, y) curves, each drawn in x order: solid with markers, or thin and dashed
+    for the labels in ``dashed`` (published references). Used for R-D and accuracy-vs-bpp
+    plots of codec evaluations."""
+    fig = Figure(figsize=(10, 5.5))
+    ax = fig.add_subplot()
+    for label, (x, y) in curves.items():
+        order = np.argsort(np.asarray(x, float))
+        xs, ys = np.asarray(x, float)[order], np.asarray(y, float)[order]
+        if label in dashed:
+            ax.plot(xs, ys, "--", lw=1.1, alpha=0.8, label=label)
+        else:
+            ax.plot(xs, ys, "o-", ms=3.5, lw=1.6, label=label)
+    _label_axes(ax, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx)
+    if curves:  # outside the axes: with many published curves it would hide the data
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return _png(fig)
+
+
+def scatter_png(
+    points: Mapping[str, tuple[float, float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+) -> bytes:
+    """One labelled point per entry, e.g. a codec's BD-rate against its decoder kMACs/pixel."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for color, (label, (x, y)) in zip(_colors(len(points)), points.items(), strict=True):
+        ax.scatter([x], [y], color=color, s=30)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    _label_axes(ax, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx)
+    fig.tight_layout()
+    return _png(fig)

@@ -7,7 +7,8 @@ Tiny-ImageNet classes 100..199, while ``benchmarks/tinyimagenet-ptm.yaml`` strea
 0..99). The checkpoint is a timm state dict (with its classifier, which timm drops when the
 benchmark builds the backbone with ``num_classes=0``) plus a ``meta`` record (accuracy on the
 pre-training classes' held-out images, classes, epochs, time, command); a JSON copy of the
-meta lies beside it. Both are written atomically.
+meta lies beside it. Both are written atomically (``clbench.atomic``). Training runs through
+the engine that trains strategies (``clbench.engine``).
 
     clbench pretrain --dataset tinyimagenet --class-range 100 200 \\
         --out checkpoints/vit_tiny_p16_64_tin100-199.pt --time-budget-min 45
@@ -16,9 +17,7 @@ meta lies beside it. Both are written atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -32,7 +31,10 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from clbench.atomic import torch_save_atomic, write_json_atomic
+from clbench.engine import Engine, Fit
 from clbench.errors import ConfigError
+from clbench.optim import Optim, Schedule
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 DEFAULT_KWARGS = {"img_size": 64, "patch_size": 16}
@@ -108,37 +110,17 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     loader = DataLoader(
         train, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = max(1, args.epochs * len(loader))
-    warm = min(total // 10, 5 * len(loader))
-
-    def lr_at(step: int) -> float:  # linear warm-up, then cosine to 0
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start, step, epochs_done = time.time(), 0, 0
+    warm = min(total // 10, 5 * len(loader))  # linear warm-up, then cosine to 0
     budget = args.time_budget_min * 60 if args.time_budget_min else math.inf
-    for epoch in range(10**9):  # args.epochs may shrink after epoch 1 (time budget)
-        model.train()
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
-            if not math.isfinite(loss.item()):
-                raise ConfigError(f"pretrain: loss is {loss.item()} at step {step}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-        epochs_done = epoch + 1
-        elapsed = time.time() - start
+
+    def after_epoch(fit: Fit) -> bool:
+        done, elapsed = fit.epoch + 1, fit.elapsed
         print(
-            f"epoch {epochs_done}/{args.epochs}: loss {loss.item():.3f}, {elapsed / 60:.1f} min",
+            f"epoch {done}/{args.epochs}: loss {fit.result.last_loss:.3f}, {elapsed / 60:.1f} min",
             flush=True,
         )
-        if epochs_done == 1 and budget < math.inf:
+        if done == 1 and budget < math.inf:
             # Re-plan the cosine schedule to the epochs the budget fits, so a time-limited run
             # still anneals to 0 instead of stopping at a high learning rate.
             plan = max(1, min(args.epochs, int(budget // elapsed)))
@@ -146,14 +128,30 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
                 print(
                     f"--time-budget-min {args.time_budget_min}: schedule re-planned to {plan} epochs"
                 )
-                total = plan * len(loader)
-                warm = min(warm, max(len(loader), total // 10))
+                steps = plan * len(loader)
+                fit.scheduler.replan(steps, min(warm, max(len(loader), steps // 10)))
                 args.epochs = plan
-        if epochs_done >= args.epochs:
-            break
-        if elapsed * (epochs_done + 1) / epochs_done > budget:
+        if done >= args.epochs:
+            return False
+        if elapsed * (done + 1) / done > budget:
             print(f"stopping: the next epoch would exceed --time-budget-min {args.time_budget_min}")
-            break
+            return False
+        return True
+
+    start = time.time()
+    result = Engine("pretrain").fit(
+        loader,
+        model.parameters(),
+        optim=Optim("adamw", args.lr, None, args.weight_decay),
+        schedule=Schedule("warmup-cosine", every="step", warmup=warm),
+        epochs=args.epochs,
+        loss=lambda x, y: F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing),
+        clip=1.0,
+        modules=[model],
+        hint="lower --lr",
+        on_epoch_end=after_epoch,
+    )
+    epochs_done, step = result.epochs, result.steps
     acc = evaluate(model, test)
     meta = {
         "model": args.model,
@@ -175,14 +173,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         "normalize": False,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    os.replace(tmp, out)
-    side = out.with_suffix(".json")
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, side)
+    torch_save_atomic({"state_dict": model.state_dict(), "meta": meta}, out)
+    write_json_atomic(out.with_suffix(".json"), meta)
     print(f"wrote {out} (test accuracy {acc:.4f} on {len(test)} images of classes {lo}..{hi - 1})")
     return meta
 

@@ -1,99 +1,150 @@
 """Run records: the versioned JSON each (benchmark, strategy, seed) run leaves behind.
 
-The runner writes one record per run to ``results/runs/<run_id>.json`` with
-:func:`write_json_atomic`; the leaderboard reads them back with :func:`load_records`, which
-never raises on a bad file but reports it as skipped with a reason. The derived metrics
-(Ā, A_T, forgetting, BWT) are computed here, once, by :func:`derived_metrics`, so that the
-runner that writes them and the validator that checks them cannot disagree.
-The schema is documented in docs/run-records.md; bump :data:`SCHEMA_VERSION` when a field
-is removed or changes meaning (adding a field does not need a bump: readers ignore extras).
+One type, :class:`RunRecord` (``to_dict``/``from_dict``, ``run_id``), is what the runner
+writes, the leaderboard reads and the tests build. The runner writes one record per run to
+``<out>/runs/<run_id>.json`` atomically; :func:`load_records` reads them back and never raises
+on a bad file but reports it as skipped with a reason. The derived metrics (Ā, A_T,
+forgetting, BWT) are computed here, once, by :func:`derived_metrics`, so that the runner
+that writes them and the validator that checks them cannot disagree.
+
+A record's identity is its run id AND its config fingerprint (:func:`config_fingerprint`):
+the runner skips a run only when the recorded config is the same, and the leaderboard never
+puts two configs in one row. The schema is documented in docs/run-records.md; bump
+:data:`SCHEMA_VERSION` when a field is removed or changes meaning (adding a field does not
+need a bump: readers ignore extras). Version 1 records still load: their fingerprint is
+computed from their stored config.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+# Atomic writes live in clbench.atomic; re-exported here because codecs, benchmarks and
+# tests import them from this module.
+from clbench.atomic import (  # noqa: F401
+    _fsync_dir,
+    _json_default,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# Where `clbench run` and `clbench leaderboard` work by default: git-ignored, so a fresh
+# clone trains instead of finding the committed results/ "already recorded".
+DEFAULT_RESULTS_DIR = "results-local"
 RUNS_SUBDIR = "runs"
+CHECKPOINTS_SUBDIR = "checkpoints"
+LOCKS_SUBDIR = ".locks"
 STATUSES = ("complete", "partial")
 
 # A derived metric stored in a record may differ from its recomputation by float noise only.
 _TOL = 1e-6
 
 
-# --------------------------------------------------------------------------- atomic writes
+def run_id(benchmark: str, strategy: str, seed: int) -> str:
+    """``<benchmark>__<strategy>__s<seed>``: the name of a run's record, checkpoint and lock."""
+    return f"{benchmark}__{strategy}__s{seed}"
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the new one.
-
-    A temp file in the same directory (same file system, so ``os.replace`` is atomic) is
-    written, fsynced and renamed over ``path``; on any error it is removed and the old file
-    is left untouched. Temp names start with '.' and end in '.tmp', so ``*.json`` globs
-    never see a half-written record.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+def record_path(out_dir: str | os.PathLike, rid: str) -> Path:
+    return Path(out_dir) / RUNS_SUBDIR / f"{rid}.json"
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """:func:`write_bytes_atomic` for UTF-8 text."""
-    write_bytes_atomic(path, text.encode("utf-8"))
+def checkpoint_path(out_dir: str | os.PathLike, rid: str) -> Path:
+    return Path(out_dir) / CHECKPOINTS_SUBDIR / f"{rid}.pt"
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
-    """Serialise ``obj`` as standard JSON and write it atomically to ``path``.
-
-    Serialisation happens before any file is touched, so an object that cannot be encoded
-    (TypeError) or holds NaN/inf (ValueError: standard JSON has no NaN; store ``None``)
-    leaves the old file as it was. numpy/torch scalars and arrays are converted through
-    their ``tolist()``.
-    """
-    text = json.dumps(obj, indent=indent, allow_nan=False, default=_json_default)
-    write_text_atomic(path, text + "\n")
+def lock_path(out_dir: str | os.PathLike, rid: str) -> Path:
+    """The lock file for one run id (``clbench.atomic.run_lock`` holds it)."""
+    return Path(out_dir) / LOCKS_SUBDIR / f"{rid}.lock"
 
 
-def _json_default(o: Any) -> Any:
-    tolist = getattr(o, "tolist", None)  # numpy.ndarray, numpy scalars, torch.Tensor
-    if callable(tolist):
-        return tolist()
-    raise TypeError(f"object of type {type(o).__name__} is not JSON serialisable")
+# --------------------------------------------------------------------------- config identity
+
+# Keys that do not change what a run computes, so two configs that differ only in them are
+# the same experiment: which runs a file lists (name is in the run id), where the data lives,
+# and knobs of speed only (data loading, threads, eval batching, memory layout).
+NON_IDENTITY_KEYS = frozenset(
+    {
+        "name",
+        "description",
+        "strategies",
+        "seeds",
+        "dataset.root",
+        "dataset.download",
+        "dataset.in_memory",
+        "train.num_workers",
+        "train.threads",
+        "train.eval_batch_size",
+        "train.channels_last",
+    }
+)
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX; not possible on every OS/file system.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _plain(cfg: Any) -> Any:
+    # The JSON round trip a record goes through (tuples -> lists, numpy -> Python), so a live
+    # config and the same config read back from a record give the same fingerprint.
+    return json.loads(json.dumps(cfg, default=_json_default, allow_nan=True))
+
+
+def identity_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (a record's ``config``) without the :data:`NON_IDENTITY_KEYS`."""
+    out = _plain(cfg)
+    for dotted in NON_IDENTITY_KEYS:
+        *parents, last = dotted.split(".")
+        node = out
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
+def config_fingerprint(cfg: dict[str, Any]) -> str:
+    """A short stable hash of what a run computes: 16 hex digits of the SHA-256 of the
+    canonical JSON of :func:`identity_config` (keys sorted). Takes a record's ``config``
+    (the benchmark config with ``strategy_params`` holding only the run's own strategy)."""
+    text = json.dumps(identity_config(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict) or not d:
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+_ABSENT = object()
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The identity keys that differ, as ``"key: old -> new"`` (dotted keys, sorted)."""
+    a, b = _flatten(identity_config(old)), _flatten(identity_config(new))
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if va != vb:
+            show = lambda v: "(absent)" if v is _ABSENT else json.dumps(v)  # noqa: E731
+            out.append(f"{key}: {show(va)} -> {show(vb)}")
+    return out
+
+
+def describe_diff(diff: list[str], limit: int = 4) -> str:
+    """``diff`` on one line, at most ``limit`` keys and a count of the rest."""
+    more = f" (and {len(diff) - limit} more)" if len(diff) > limit else ""
+    return "; ".join(diff[:limit]) + more
 
 
 # --------------------------------------------------------------------------- derived metrics
@@ -200,6 +251,16 @@ _BODY = {
     "costs": _DICT,
     "provenance": _DICT,
 }
+# Added in version 2: the config identity, warnings raised during the run, and whether the
+# model was trained at all (train.epochs = 0 and not one image trained).
+_BODY_V2 = {
+    "config_fingerprint": _NONEMPTY_STR,
+    "warnings": (
+        lambda x: isinstance(x, list) and all(isinstance(w, str) for w in x),
+        "a list of strings",
+    ),
+    "untrained": (lambda x: isinstance(x, bool), "true or false"),
+}
 _METRIC_SCALARS = ("avg_incremental_accuracy", "last_accuracy", "forgetting", "bwt")
 _COSTS = {
     "wall_time_s": _NUM,
@@ -245,29 +306,38 @@ def _check_keys(
 
 
 def validate_record(d: Any) -> list[str]:
-    """Problems that make ``d`` an invalid schema-1 run record; empty when it is valid.
+    """Problems that make ``d`` an invalid run record (schema 1 or 2); empty when it is valid.
 
     A ``partial`` record (a run killed before it finished) only needs a valid header
     (schema_version, run_id, benchmark, strategy, seed, status): its metrics may be
     incomplete. A complete record must match the whole schema, and its stored derived
-    metrics must agree with :func:`derived_metrics` of its accuracy matrix.
+    metrics must agree with :func:`derived_metrics` of its accuracy matrix. A version-2
+    record's ``config_fingerprint`` must be that of its ``config``.
     """
     if not isinstance(d, dict):
         return [f"top level is {_describe(d)}, expected a JSON object"]
     if "schema_version" not in d:
         return ["missing key schema_version"]
     version = d["schema_version"]
-    if version != SCHEMA_VERSION or not _is_int(version):
-        return [f"schema_version is {version!r}, this clbench reads version {SCHEMA_VERSION}"]
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        return [f"schema_version is {version!r}, this clbench reads versions {readable}"]
     problems: list[str] = []
     _check_keys(d, _HEADER, "", problems)
     if not problems:
-        expected_id = f"{d['benchmark']}__{d['strategy']}__s{d['seed']}"
+        expected_id = run_id(d["benchmark"], d["strategy"], d["seed"])
         if d["run_id"] != expected_id:
             problems.append(f"run_id {d['run_id']!r} does not match {expected_id!r}")
     if problems or d["status"] == "partial":
         return problems
     _check_keys(d, _BODY, "", problems)
+    if version >= 2:
+        _check_keys(d, _BODY_V2, "", problems)
+        if not problems and d["config_fingerprint"] != config_fingerprint(d["config"]):
+            problems.append(
+                f"config_fingerprint {d['config_fingerprint']!r} is not that of its config "
+                f"({config_fingerprint(d['config'])!r}): the record was edited"
+            )
     if isinstance(d.get("metrics"), dict):
         _validate_metrics(d["metrics"], d.get("experiences"), problems)
     if isinstance(d.get("costs"), dict):
@@ -332,33 +402,98 @@ def _validate_metrics(m: dict, experiences: Any, problems: list[str]) -> None:
             )
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- the record type
 
 
-@dataclass(frozen=True)
+class RecordError(ValueError):
+    """A dict that is not a valid run record; the message lists the first problems."""
+
+
+def _summary(problems: list[str]) -> str:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
+
+
+@dataclass
 class RunRecord:
-    """A validated, complete run record (typed view over the JSON)."""
+    """One run's record: what the runner writes, the leaderboard reads and the tests build.
 
-    path: Path
-    run_id: str
+    ``to_dict()`` gives the JSON object of schema :data:`SCHEMA_VERSION`; ``from_dict()``
+    validates and reads versions 1 and 2 (a version-1 record gets its fingerprint from its
+    stored config, no warnings and ``untrained`` false). Keys this version does not know are
+    kept in ``extra`` and written back.
+    """
+
     benchmark: str
     strategy: str
     seed: int
-    config: dict[str, Any]
-    class_order: list[int]
-    experiences: list[list[int]]
-    metrics: dict[str, Any]
-    costs: dict[str, Any]
-    provenance: dict[str, Any]
+    status: str = "complete"
+    config: dict[str, Any] = field(default_factory=dict)
+    class_order: list[int] = field(default_factory=list)
+    experiences: list[list[int]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    costs: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
+    strategy_report: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    untrained: bool = False
+    config_fingerprint: str = ""  # computed from config when empty
+    schema_version: int = SCHEMA_VERSION  # the version it was read as; to_dict writes the current
+    path: Path | None = field(default=None, compare=False)  # the file it was read from
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.config_fingerprint:
+            self.config_fingerprint = config_fingerprint(self.config)
+
+    @property
+    def run_id(self) -> str:
+        return run_id(self.benchmark, self.strategy, self.seed)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-ready dict (current schema version)."""
+        d: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": self.run_id,
+            "benchmark": self.benchmark,
+            "strategy": self.strategy,
+            "seed": self.seed,
+            "status": self.status,
+            "config_fingerprint": self.config_fingerprint,
+            "untrained": self.untrained,
+            "config": self.config,
+            "class_order": self.class_order,
+        }
+        if self.class_names is not None:
+            d["class_names"] = self.class_names
+        d["experiences"] = self.experiences
+        d["metrics"] = self.metrics
+        if self.strategy_report is not None:
+            d["strategy_report"] = self.strategy_report
+        d["warnings"] = self.warnings
+        d["costs"] = self.costs
+        d["provenance"] = self.provenance
+        return {**self.extra, **d}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], path: Path) -> RunRecord:
-        """Build the view from a dict that :func:`validate_record` accepted."""
-        return cls(
-            path=path,
-            **{k: d[k] for k in ("run_id", "benchmark", "strategy", "seed")},
-            **{k: d[k] for k in _BODY},
-        )
+    def from_dict(cls, d: Any, path: str | os.PathLike | None = None) -> RunRecord:
+        """Validate ``d`` (:func:`validate_record`) and build the record.
+
+        Raises:
+            RecordError: ``d`` is not a valid record; the message names the problems.
+        """
+        problems = validate_record(d)
+        if problems:
+            raise RecordError(_summary(problems))
+        known = {f for f in cls.__dataclass_fields__ if f not in ("path", "extra")}
+        kwargs = {k: d[k] for k in known if k in d}
+        extra = {k: v for k, v in d.items() if k not in known and k != "run_id"}
+        return cls(**kwargs, path=Path(path) if path is not None else None, extra=extra)
 
     @property
     def accuracy_matrix(self) -> list[list[float | None]]:
@@ -388,10 +523,17 @@ class RunRecord:
     def memory(self) -> dict[str, Any]:
         return self.costs["memory"]
 
+    @property
+    def command(self) -> str:
+        return str(self.provenance.get("command", ""))
 
-def read_record(path: str | os.PathLike) -> tuple[RunRecord | None, str | None]:
-    """Read one record file: ``(record, None)`` if usable, else ``(None, reason)``. Never raises
-    on bad content (truncated, not UTF-8, wrong version, missing keys, NaN, partial)."""
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_record_file(path: str | os.PathLike) -> tuple[RunRecord | None, str | None]:
+    """Read one record file, complete or partial: ``(record, None)`` or ``(None, reason)``.
+    Never raises on bad content (truncated, not UTF-8, not an object, wrong version...)."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -401,16 +543,22 @@ def read_record(path: str | os.PathLike) -> tuple[RunRecord | None, str | None]:
         d = json.loads(text)  # NaN/Infinity parse to floats; validation then names the key
     except (ValueError, RecursionError) as e:
         return None, f"invalid JSON (truncated or corrupt?): {e}"
-    problems = validate_record(d)
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        return None, "; ".join(problems[:3]) + more
-    if d["status"] == "partial":
+    try:
+        return RunRecord.from_dict(d, path), None
+    except RecordError as e:
+        return None, str(e)
+
+
+def read_record(path: str | os.PathLike) -> tuple[RunRecord | None, str | None]:
+    """Read one complete record: ``(record, None)`` if usable, else ``(None, reason)``; a
+    partial record is a reason too. Never raises on bad content."""
+    record, reason = parse_record_file(path)
+    if record is not None and not record.complete:
         return (
             None,
             "status is partial: the run did not finish (continue it with `clbench run --resume`)",
         )
-    return RunRecord.from_dict(d, path), None
+    return record, reason
 
 
 def load_records(results_dir: str | os.PathLike) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
@@ -428,10 +576,11 @@ def load_records(results_dir: str | os.PathLike) -> tuple[list[RunRecord], list[
         if record is None:
             skipped.append((path, reason or "unknown problem"))
         elif record.run_id in records:
+            first = records[record.run_id].path
             skipped.append(
                 (
                     path,
-                    f"duplicate run_id {record.run_id!r} (also in {records[record.run_id].path.name})",
+                    f"duplicate run_id {record.run_id!r} (also in {first.name if first else '?'})",
                 )
             )
         else:

@@ -56,6 +56,17 @@ class Registry(Generic[T]):
 
         return deco
 
+    def register_named(self, name: str, *aliases: str) -> Callable[[T], T]:
+        """Like :meth:`register`, and a class whose ``name`` is still empty gets ``name``, so
+        that an instance can say what it was registered as (codecs, metrics, executors...)."""
+
+        def deco(obj: T) -> T:
+            if isinstance(obj, type) and not getattr(obj, "name", ""):
+                obj.name = name  # type: ignore[attr-defined]
+            return self.register(name, *aliases)(obj)
+
+        return deco
+
     def _load(self) -> None:
         if self._loaded:
             return

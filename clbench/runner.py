@@ -2,26 +2,30 @@
 every seen experience's test data, and write one versioned run record.
 
 Each (benchmark, strategy, seed) is an independent job (``run_one``) that writes
-``<out>/runs/<run_id>.json``; a complete record is skipped on re-run. After every finished
-experience the job writes a checkpoint (``<out>/checkpoints/<run_id>.pt``, atomic) and a
-``partial`` record, so ``--resume`` continues a killed run from its last finished
-experience and, on CPU with the same seed, ends with the same accuracy matrix.
+``<out>/runs/<run_id>.json``. :func:`run_benchmark` first checks everything it can before
+any training starts (device, output folder, data root, every strategy built with its
+parameters, existing records and checkpoints), holding one lock per run id so that two
+processes never write the same run. A complete record of the same config is skipped; one of
+a different config is refused, naming the keys that differ. After every finished experience
+the job writes a checkpoint (``<out>/checkpoints/<run_id>.pt``, atomic, stamped with the run
+id, strategy and config fingerprint) and a ``partial`` record, so ``--resume`` continues a
+killed run from its last finished experience and, on CPU with the same seed, ends with the
+same accuracy matrix. Experiences are numbered from 0 everywhere (console, records, plots).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import io
-import platform
+import contextlib
+import json
+import os
 import random
+import re
 import resource
-import socket
-import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +33,34 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from clbench.atomic import (
+    check_writable_dir,
+    fault_point,
+    remove_orphans,
+    run_lock,
+    torch_save_atomic,
+    write_json_atomic,
+)
 from clbench.backbones import create_backbone
 from clbench.config import BenchmarkConfig
-from clbench.errors import ClbenchError, ConfigError
-from clbench.records import SCHEMA_VERSION, derived_metrics, write_bytes_atomic, write_json_atomic
+from clbench.data import DATA_ROOT_ENV, resolve_data_root
+from clbench.errors import ClbenchError, ClbenchWarning, ConfigError
+from clbench.provenance import now_utc, provenance
+from clbench.records import (
+    CHECKPOINTS_SUBDIR,
+    RUNS_SUBDIR,
+    SCHEMA_VERSION,
+    RunRecord,
+    checkpoint_path,
+    config_diff,
+    config_fingerprint,
+    derived_metrics,
+    describe_diff,
+    lock_path,
+    parse_record_file,
+    record_path,
+    run_id,
+)
 from clbench.scenarios import Scenario, build_scenario
 from clbench.strategies.base import (
     STRATEGIES,
@@ -43,27 +71,41 @@ from clbench.strategies.base import (
     strategy_base,
 )
 
-PACKAGES = (
-    "clbench",
-    "torch",
-    "torchvision",
-    "avalanche-lib",
-    "timm",
-    "peft",
-    "compressai",
-    "numpy",
-)
+__all__ = ["run_benchmark", "run_one", "build_strategy", "run_id", "resolve_device"]
 
 
-def run_id(benchmark: str, strategy: str, seed: int) -> str:
-    return f"{benchmark}__{strategy}__s{seed}"
+def _import_qpsolvers_quietly() -> None:
+    # Avalanche imports qpsolvers for its GEM plugin, which clbench does not use; with no QP
+    # solver installed, qpsolvers warns at import on every command. Importing it first with
+    # that one warning ignored (scoped to this import) keeps runs quiet; later imports of the
+    # cached module do not warn again.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
+        with contextlib.suppress(ImportError):
+            import qpsolvers  # noqa: F401
+
+
+_import_qpsolvers_quietly()
+
+# Bumped when what a checkpoint holds changes, so an old checkpoint is refused by name.
+CHECKPOINT_VERSION = 2
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ClbenchError("--device cuda: no CUDA device is visible; use --device cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ClbenchError(f"--device {name!r}: valid values: cpu, cuda, cuda:N")
+    """``cpu``, ``cuda`` or ``cuda:N``, checked against the devices this machine has."""
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name == "cpu":
+        return torch.device("cpu")
+    if m is None:
+        raise ClbenchError(f"--device {name!r}: valid values: cpu, cuda, cuda:N (N a device index)")
+    if not torch.cuda.is_available():
+        raise ClbenchError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    count, index = torch.cuda.device_count(), int(m[1] or 0)
+    if index >= count:
+        raise ClbenchError(
+            f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); "
+            "pick one of them or --device cpu"
+        )
     return torch.device(name)
 
 
@@ -94,57 +136,6 @@ def _set_rng_state(s: dict[str, Any]) -> None:
     random.setstate((v, tuple(state), gauss))
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-_GIT_AT_START: dict[str, Any] = {}
-
-
-def _git_state() -> dict[str, Any]:
-    """The commit and dirtiness of the code this process loaded (read once, at first use,
-    so a record names the code that ran, not a commit made while a long run was going)."""
-    if not _GIT_AT_START:
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        _GIT_AT_START.update(
-            git_commit=_git("rev-parse", "HEAD"),
-            git_dirty=None if status is None else bool(status),
-        )
-    return _GIT_AT_START
-
-
-def provenance(device: torch.device, command: str) -> dict[str, Any]:
-    versions = {}
-    for p in PACKAGES:
-        try:
-            versions[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            versions[p] = None
-    return {
-        "clbench_version": versions["clbench"],
-        **_git_state(),
-        "packages": versions,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "command": command,
-        "hostname": socket.gethostname(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-    }
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
@@ -173,6 +164,7 @@ class RunState:
     eval_time: list[float] = field(default_factory=list)
     images_trained: int = 0
     started_at: str = ""
+    warnings: list[str] = field(default_factory=list)
 
 
 def build_strategy(
@@ -202,6 +194,93 @@ def build_strategy(
     return cls(ctx, **params)
 
 
+def run_config(cfg: BenchmarkConfig, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The config a run's record stores: the benchmark's, with only this strategy's resolved
+    parameters (its fingerprint is the run's config identity)."""
+    return {**cfg.to_dict(), "strategy_params": {name: params}}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_meta(rid: str, name: str, seed: int, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "schema_version": SCHEMA_VERSION,
+        "run_id": rid,
+        "strategy": name,
+        "seed": seed,
+        "config_fingerprint": config_fingerprint(config),
+        "config_json": json.dumps(config, sort_keys=True, default=str),
+    }
+
+
+def load_checkpoint(
+    path: Path, rid: str, name: str, seed: int, config: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
+    """Load a run's checkpoint and check it belongs to this run and config.
+
+    Raises:
+        ClbenchError: unreadable (truncated/corrupt), written by an older clbench, or for
+            another run, strategy or config; the message says what differs.
+    """
+    fix = f"delete {path} to start the run over"
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... by damage
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ClbenchError(
+            f"checkpoint {path} is unreadable (truncated or corrupt: {first[:160]}); {fix}"
+        ) from None
+    meta = ck.get("meta") if isinstance(ck, dict) else None
+    if not isinstance(meta, dict) or meta.get("checkpoint_version") != CHECKPOINT_VERSION:
+        raise ClbenchError(
+            f"checkpoint {path} does not say which run and config it belongs to (written by an "
+            f"older clbench, or not a clbench checkpoint); {fix}"
+        )
+    for key, want in (("strategy", name), ("seed", seed), ("run_id", rid)):
+        if meta.get(key) != want:
+            raise ClbenchError(
+                f"checkpoint {path} belongs to {key} {meta.get(key)!r}, not {want!r} (copied or "
+                f"renamed from another run?); {fix}"
+            )
+    if meta.get("config_fingerprint") != config_fingerprint(config):
+        diff = config_diff(json.loads(meta["config_json"]), config)
+        raise ClbenchError(
+            f"checkpoint {path} was written with another config ({describe_diff(diff)}); resume "
+            f"with the settings it was started with, or {fix}"
+        )
+    return ck
+
+
+# --------------------------------------------------------------------------- one run
+
+
+_SHOWN: set[tuple] = set()
+
+
+@contextlib.contextmanager
+def _collect_warnings(sink: list[str], log: Callable[[str], None], rid: str):
+    """Keep every ClbenchWarning raised inside (for the record) and print it once; other
+    warnings are shown as usual."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ClbenchWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, ClbenchWarning):
+                    msg = str(w.message)
+                    if msg not in sink:
+                        sink.append(msg)
+                        log(f"{rid}: warning: {msg}")
+                else:  # catch_warnings resets "once per location": keep it once here
+                    key = (w.category, str(w.message), w.filename, w.lineno)
+                    if key not in _SHOWN:
+                        _SHOWN.add(key)
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def run_one(
     cfg: BenchmarkConfig,
     scenario: Scenario,
@@ -214,27 +293,63 @@ def run_one(
     command: str = "",
     progress: bool = False,
     stop_after: int | None = None,
+    lock_timeout: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
-    """Run one (strategy, seed); returns the record (None if ``stop_after`` cut it short)."""
+    """Run one (strategy, seed) under its run-id lock; returns the record's dict (None if
+    ``stop_after`` cut it short). It does not skip: :func:`run_benchmark` decides that."""
     rid = run_id(cfg.name, strategy_name, seed)
-    record_path = out_dir / "runs" / f"{rid}.json"
-    ckpt_path = out_dir / "checkpoints" / f"{rid}.pt"
+    with run_lock(lock_path(out_dir, rid), lock_timeout, what=f"run {rid}"):
+        return _run_one(
+            cfg,
+            scenario,
+            strategy_name,
+            seed,
+            Path(out_dir),
+            device=device,
+            resume=resume,
+            command=command,
+            progress=progress,
+            stop_after=stop_after,
+            log=log,
+        )
+
+
+def _run_one(
+    cfg: BenchmarkConfig,
+    scenario: Scenario,
+    strategy_name: str,
+    seed: int,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    resume: bool,
+    command: str,
+    progress: bool,
+    stop_after: int | None,
+    log: Callable[[str], None],
+) -> dict[str, Any] | None:
+    rid = run_id(cfg.name, strategy_name, seed)
+    rec_path, ckpt_path = record_path(out_dir, rid), checkpoint_path(out_dir, rid)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     strategy = build_strategy(cfg, strategy_name, scenario, seed, device, progress)
+    config = run_config(cfg, strategy_name, strategy.params)
     test_sets = [e.dataset for e in scenario.test_stream]
     experiences = [
         Experience(index=i, classes=scenario.experience_classes[i], dataset=e.dataset, avalanche=e)
         for i, e in enumerate(scenario.train_stream)
     ]
-    st = RunState(started_at=_now())
+    st = RunState(started_at=now_utc())
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        strategy.load_state_dict(ck["strategy"])
+        ck = load_checkpoint(ckpt_path, rid, strategy_name, seed, config, device)
+        try:
+            strategy.load_state_dict(ck["strategy"])
+        except ClbenchError as e:  # e.g. a replay buffer's CRC32 check: name the file
+            raise ClbenchError(f"checkpoint {ckpt_path}: {e}") from None
         strategy.images_trained = ck["run"]["images_trained"]
         st = RunState(**ck["run"])
         strategy.resume(experiences[: st.done])
@@ -243,11 +358,14 @@ def run_one(
     T = len(experiences)
     prov = provenance(device, command)
     wall0 = time.perf_counter() - sum(st.train_time) - sum(st.eval_time)
+    record: RunRecord | None = None
     for exp in experiences[st.done :]:
         t0 = time.perf_counter()
-        strategy.train_experience(exp)
+        with _collect_warnings(st.warnings, log, rid):
+            strategy.train_experience(exp)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        fault_point(f"train:{exp.index}")
         t1 = time.perf_counter()
         row: list[float | None] = [None] * T
         correct_all = total_all = 0
@@ -263,51 +381,55 @@ def run_one(
         st.images_trained = strategy.images_trained
         st.done = exp.index + 1
         log(
-            f"{rid}: experience {exp.index + 1}/{T} accuracy on seen classes "
+            f"{rid}: experience {exp.index} (of 0..{T - 1}): accuracy on seen classes "
             f"{100 * st.accuracy_seen[-1]:.2f}% ({st.train_time[-1]:.1f}s train)"
         )
-        record = _record(cfg, scenario, strategy, strategy_name, seed, st, prov, wall0, T)
+        record = _record(cfg, scenario, strategy, strategy_name, seed, st, prov, wall0, T, config)
         if st.done < T:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic(
-                {"strategy": strategy.state_dict(), "run": st.__dict__, "rng": _rng_state()},
+            torch_save_atomic(
+                {
+                    "meta": _checkpoint_meta(rid, strategy_name, seed, config),
+                    "strategy": strategy.state_dict(),
+                    "run": st.__dict__,
+                    "rng": _rng_state(),
+                },
                 ckpt_path,
             )
-        write_json_atomic(record_path, record)
+            fault_point(f"checkpoint:{exp.index}")
+        write_json_atomic(rec_path, record.to_dict())
+        fault_point(f"record:{exp.index}")
         if stop_after is not None and st.done >= stop_after and st.done < T:
             return None
     ckpt_path.unlink(missing_ok=True)
-    return record
+    if record is None:  # resumed from a checkpoint of the last experience: nothing left to do
+        raise ClbenchError(f"checkpoint {ckpt_path} is already past the last experience; delete it")
+    return record.to_dict()
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes_atomic(path, buf.getvalue())
-
-
-def _record(cfg, scenario, strategy, name, seed, st: RunState, prov, wall0, T) -> dict[str, Any]:
+def _record(cfg, scenario, strategy, name, seed, st: RunState, prov, wall0, T, config) -> RunRecord:
     train_total = sum(st.train_time)
     mem = strategy.memory()
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id(cfg.name, name, seed),
-        "benchmark": cfg.name,
-        "strategy": name,
-        "seed": seed,
-        "status": "complete" if st.done == T else "partial",
-        "config": {**cfg.to_dict(), "strategy_params": {name: strategy.params}},
-        "class_order": scenario.class_order,
-        "class_names": scenario.class_names,
-        "experiences": scenario.experience_classes,
-        "metrics": {
+    return RunRecord(
+        benchmark=cfg.name,
+        strategy=name,
+        seed=seed,
+        status="complete" if st.done == T else "partial",
+        config=config,
+        class_order=scenario.class_order,
+        class_names=scenario.class_names,
+        experiences=scenario.experience_classes,
+        metrics={
             "accuracy_matrix": st.matrix,
             "accuracy_seen": st.accuracy_seen,
             # a partial record's metrics cover the experiences finished so far
             **derived_metrics([r[: st.done] for r in st.matrix], st.accuracy_seen),
         },
-        "strategy_report": strategy.report(),
-        "costs": {
+        strategy_report=strategy.report(),
+        warnings=list(st.warnings),
+        # epochs = 0 is allowed (e.g. to measure a training-free baseline), but such a row
+        # must not pass for a trained model
+        untrained=cfg.train.epochs == 0 and st.images_trained == 0,
+        costs={
             "wall_time_s": time.perf_counter() - wall0,
             "train_time_s": st.train_time,
             "eval_time_s": st.eval_time,
@@ -322,8 +444,119 @@ def _record(cfg, scenario, strategy, name, seed, st: RunState, prov, wall0, T) -
             "memory": mem,
             "peak_rss_bytes": peak_rss_bytes(),
         },
-        "provenance": {**prov, "started_at": st.started_at, "finished_at": _now()},
-    }
+        provenance={**prov, "started_at": st.started_at, "finished_at": now_utc()},
+    )
+
+
+# --------------------------------------------------------------------------- a benchmark
+
+
+@dataclass
+class PlannedRun:
+    """One (strategy, seed) of a benchmark and what the pre-flight decided for it."""
+
+    name: str
+    seed: int
+    rid: str
+    config: dict[str, Any]
+    action: str  # "run" | "resume" | "skip"
+    stale_checkpoint: bool = False  # a checkpoint left beside a complete record
+
+
+def _check_data_root(cfg: BenchmarkConfig, data_root: str | None) -> None:
+    root = resolve_data_root(cfg.dataset.root or data_root)
+    if root.exists() and not root.is_dir():
+        source = (
+            "dataset.root"
+            if cfg.dataset.root
+            else "--data-root"
+            if data_root
+            else f"${DATA_ROOT_ENV}"
+            if os.environ.get(DATA_ROOT_ENV)
+            else "the default data root"
+        )
+        raise ClbenchError(
+            f"{source} {root} is a file, not a folder; pass the folder that holds the datasets "
+            "(see docs/datasets.md)"
+        )
+
+
+def _plan_one(
+    out_dir: Path, name: str, seed: int, rid: str, config: dict[str, Any], *, resume: bool,
+    force: bool, device: torch.device, log: Callable[[str], None],
+) -> PlannedRun:  # fmt: skip
+    """Decide skip / run / resume for one run from what ``out_dir`` holds; raise on conflict.
+    Reads only: whatever it decides is done after every run of the command was planned."""
+    rec_path, ckpt_path = record_path(out_dir, rid), checkpoint_path(out_dir, rid)
+    old = None
+    if rec_path.exists():
+        old, reason = parse_record_file(rec_path)
+        if old is None and not force:
+            raise ClbenchError(
+                f"run record {rec_path} is not a valid record ({reason}); move it away, or pass "
+                "--force to replace it"
+            )
+    plan = PlannedRun(name, seed, rid, config, "run")
+    if old is not None and old.complete:
+        # A checkpoint beside a complete record was left by a kill after the record was
+        # written: stale. It is removed, so that --force --resume starts over.
+        plan.stale_checkpoint = ckpt_path.is_file()
+        same = old.config_fingerprint == config_fingerprint(config)
+        if same and not force:
+            log(f"{rid}: already recorded, skipping (--force to re-run)")
+            plan.action = "skip"
+        elif not same and not force:
+            diff = describe_diff(config_diff(old.config, config))
+            base = strategy_base(name)
+            raise ClbenchError(
+                f"{rec_path} was recorded with another config ({diff}); pass --force to "
+                f"replace it, or run the new config as its own row: --strategy {base}@LABEL "
+                f"with --set strategy_params.{base}@LABEL.KEY=VALUE"
+            )
+        return plan
+    if ckpt_path.is_file():
+        if resume:
+            load_checkpoint(ckpt_path, rid, name, seed, config, device)
+            plan.action = "resume"
+        else:
+            log(
+                f"{rid}: an unfinished run's checkpoint exists; starting over (--resume continues it)"
+            )
+    elif old is not None and resume:
+        log(f"{rid}: partial record without a checkpoint; starting over")
+    return plan
+
+
+def plan_benchmark(
+    cfg: BenchmarkConfig,
+    scenario: Scenario,
+    out_dir: Path,
+    strategies: list[str],
+    seeds: list[int],
+    *,
+    device: torch.device,
+    resume: bool,
+    force: bool,
+    log: Callable[[str], None] = print,
+) -> list[PlannedRun]:
+    """Build every strategy once (its parameters are typed and checked at construction) and
+    decide each run's action. Raises on the first conflict; trains nothing."""
+    configs = {}
+    for name in strategies:
+        seed_everything(seeds[0])
+        strategy = build_strategy(cfg, name, scenario, seeds[0], device, False)
+        configs[name] = run_config(cfg, name, strategy.params)
+        del strategy
+    plan = []
+    for name in strategies:
+        for seed in seeds:
+            plan.append(
+                _plan_one(
+                    out_dir, name, seed, run_id(cfg.name, name, seed), configs[name],
+                    resume=resume, force=force, device=device, log=log,
+                )
+            )  # fmt: skip
+    return plan
 
 
 def run_benchmark(
@@ -338,11 +571,20 @@ def run_benchmark(
     force: bool = False,
     command: str = "",
     progress: bool = True,
+    lock_timeout: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run every (strategy, seed) of ``cfg`` not yet recorded in ``out_dir``."""
-    strategies = strategies or cfg.strategies
-    seeds = seeds if seeds is not None else cfg.seeds
+    """Run every (strategy, seed) of ``cfg`` not yet recorded in ``out_dir``.
+
+    Everything a user can get wrong is checked before the first experience trains: the
+    strategy names and parameters, the device, the output folder, the data root, the data,
+    existing records (same config: skip; another config: refused unless ``force``) and, with
+    ``resume``, each checkpoint's run and config. The run-id locks are held for the whole
+    call; another process holding one makes this call fail (or wait ``lock_timeout`` s).
+    """
+    out_dir = Path(out_dir)
+    strategies = list(dict.fromkeys(strategies or cfg.strategies))
+    seeds = list(dict.fromkeys(seeds if seeds is not None else cfg.seeds))
     for s in strategies:  # fail fast on a typo, before loading any data
         STRATEGIES.get(strategy_base(s))
     unknown = {strategy_base(k) for k in cfg.strategy_params} - set(STRATEGIES.names())
@@ -352,35 +594,43 @@ def run_benchmark(
             f"{', '.join(STRATEGIES.names())}"
         )
     dev = resolve_device(device)
+    check_writable_dir(out_dir, "--out")
+    _check_data_root(cfg, data_root)
     scenario = build_scenario(cfg, data_root)
+    # tqdm bars only on a terminal: in a log file every redraw would be a line of '\r' frames
+    progress = progress and sys.stderr.isatty()
     records = []
-    for name in strategies:
-        for seed in seeds:
-            path = out_dir / "runs" / f"{run_id(cfg.name, name, seed)}.json"
-            if not force and _is_complete(path):
-                log(f"{path.stem}: already recorded, skipping (--force to re-run)")
+    with contextlib.ExitStack() as locks:
+        for name in strategies:
+            for seed in seeds:
+                rid = run_id(cfg.name, name, seed)
+                locks.enter_context(
+                    run_lock(lock_path(out_dir, rid), lock_timeout, what=f"run {rid}")
+                )
+        remove_orphans(out_dir, out_dir / RUNS_SUBDIR, out_dir / CHECKPOINTS_SUBDIR)
+        plan = plan_benchmark(
+            cfg, scenario, out_dir, strategies, seeds,
+            device=dev, resume=resume, force=force, log=log,
+        )  # fmt: skip
+        for run in plan:
+            if run.stale_checkpoint:
+                checkpoint_path(out_dir, run.rid).unlink(missing_ok=True)
+        for run in plan:
+            if run.action == "skip":
                 continue
-            rec = run_one(
+            rec = _run_one(
                 cfg,
                 scenario,
-                name,
-                seed,
+                run.name,
+                run.seed,
                 out_dir,
                 device=dev,
-                resume=resume,
+                resume=run.action == "resume",
                 command=command,
                 progress=progress,
+                stop_after=None,
                 log=log,
             )
             if rec is not None:
                 records.append(rec)
     return records
-
-
-def _is_complete(path: Path) -> bool:
-    import json
-
-    try:
-        return json.loads(path.read_text()).get("status") == "complete"
-    except (OSError, ValueError):
-        return False

@@ -1,7 +1,7 @@
 """Benchmark config -> Avalanche ``CLScenario`` (train/test streams of experiences).
 
-Flow: load the dataset (clbench.datasets) -> keep ``dataset.class_range`` -> choose the class
-order -> remap labels to 0..C-1 *in learning order* (Avalanche needs contiguous labels, and
+Flow: load the dataset (clbench.datasets, which keeps ``dataset.class_range``) -> resolve the
+class order through the class-order registry -> remap labels to 0..C-1 *in learning order* (Avalanche needs contiguous labels, and
 learning-order labels make "seen classes" simply ``range(n_seen)``) -> split with
 Avalanche's ``class_incremental_benchmark(num_classes_per_exp=...)`` (never
 ``num_experiences``, which drops remainder classes).
@@ -13,6 +13,7 @@ replay buffer stores or compresses).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,44 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from clbench.config import BenchmarkConfig, split_sizes
+from clbench.config import BenchmarkConfig
 from clbench.data import ImageSet, resolve_data_root
+from clbench.datasets.class_order import resolve_class_order
 from clbench.errors import ConfigError
+
+SPLIT_RE = re.compile(r"^B(\d+)Inc(\d+)$")
+
+
+def split_sizes(split: str, num_classes: int, num_experiences: int | None = None) -> list[int]:
+    """Classes per experience for ``B{base}Inc{inc}``.
+
+    PyCIL convention: a base experience of ``base`` classes (if > 0), then ``inc`` each; a
+    remainder that ``inc`` does not divide becomes a final smaller experience, so no class
+    is ever dropped (Avalanche's ``num_experiences`` would drop it).
+    """
+    m = SPLIT_RE.match(split)
+    if not m:
+        raise ConfigError(
+            f"scenario.split {split!r}: expected the form B<base>Inc<inc>, e.g. B0Inc10"
+        )
+    base, inc = int(m.group(1)), int(m.group(2))
+    if inc <= 0:
+        raise ConfigError(f"scenario.split {split!r}: the increment must be > 0")
+    if base >= num_classes or (base == 0 and inc > num_classes):
+        raise ConfigError(
+            f"scenario.split {split!r}: base {base} + increments of {inc} do not fit "
+            f"{num_classes} classes; use a base < {num_classes} and an increment <= {num_classes}"
+        )
+    sizes = [base] if base else []
+    while sum(sizes) < num_classes:
+        sizes.append(min(inc, num_classes - sum(sizes)))
+    if num_experiences is not None and num_experiences != len(sizes):
+        raise ConfigError(
+            f"scenario.split {split!r} on {num_classes} classes gives {len(sizes)} experiences "
+            f"({'+'.join(map(str, sizes))}), but scenario.num_experiences is {num_experiences}; "
+            "fix one of them"
+        )
+    return sizes
 
 
 class ImageSetDataset(Dataset):
@@ -87,24 +123,6 @@ def build_transforms(cfg: BenchmarkConfig, size: int) -> dict[str, Callable | No
     }
 
 
-def class_order_for(cfg: BenchmarkConfig, num_classes: int) -> list[int]:
-    """Class order over the kept classes 0..num_classes-1 (icarl / sorted / explicit list)."""
-    from clbench.datasets.class_order import icarl_class_order
-
-    order = cfg.scenario.class_order
-    if order == "sorted":
-        return list(range(num_classes))
-    if order == "icarl":
-        return [int(c) for c in icarl_class_order(num_classes, seed=cfg.scenario.class_order_seed)]
-    order = [int(c) for c in order]
-    if sorted(order) != list(range(num_classes)):
-        raise ConfigError(
-            f"scenario.class_order: an explicit order must list each of the {num_classes} class "
-            f"ids 0..{num_classes - 1} exactly once (got {len(order)} ids)"
-        )
-    return order
-
-
 @dataclass
 class Scenario:
     """An Avalanche CLScenario plus what the runner and strategies need to know."""
@@ -129,30 +147,20 @@ class Scenario:
         return self.benchmark.test_stream
 
 
-def _keep_classes(s: ImageSet, lo: int, hi: int) -> ImageSet:
-    keep = np.flatnonzero((s.targets >= lo) & (s.targets < hi))
-    sub = s.subset(keep)
-    sub.targets = sub.targets - lo
-    sub.classes = s.classes[lo:hi]
-    return sub
-
-
 def load_images(cfg: BenchmarkConfig, data_root: str | Path | None) -> tuple[ImageSet, ImageSet]:
     """Load the configured dataset's (train, test) sets, class range applied."""
     from clbench.datasets import load_dataset
 
     d = cfg.dataset
     root = resolve_data_root(d.root or data_root)
-    train, test = load_dataset(d.name, root, download=d.download, variant=d.variant, **d.options)
-    if d.class_range is not None:
-        lo, hi = d.class_range
-        if hi > len(train.classes):
-            raise ConfigError(
-                f"dataset.class_range [{lo}, {hi}] exceeds the {len(train.classes)} classes of "
-                f"{d.name}"
-            )
-        train, test = _keep_classes(train, lo, hi), _keep_classes(test, lo, hi)
-    return train, test
+    return load_dataset(
+        d.name,
+        root,
+        download=d.download,
+        variant=d.variant,
+        class_range=d.class_range,
+        **d.options,
+    )
 
 
 def build_scenario(cfg: BenchmarkConfig, data_root: str | Path | None = None) -> Scenario:
@@ -163,7 +171,12 @@ def build_scenario(cfg: BenchmarkConfig, data_root: str | Path | None = None) ->
     train, test = load_images(cfg, data_root)
     num_classes = len(train.classes)
     sizes = split_sizes(cfg.scenario.split, num_classes, cfg.scenario.num_experiences)
-    order = class_order_for(cfg, num_classes)
+    try:
+        order = resolve_class_order(
+            cfg.scenario.class_order, train.classes, seed=cfg.scenario.class_order_seed
+        )
+    except ConfigError as e:
+        raise ConfigError(f"scenario.class_order: {e}") from None
     label_map = np.empty(num_classes, dtype=np.int64)
     label_map[order] = np.arange(num_classes)
 

@@ -8,6 +8,8 @@
 See docs/codecs.md for the spec syntax, the registry and the CLI (``clbench codec``).
 """
 
+import warnings
+
 from clbench.codecs.base import (
     Codec,
     CorruptDataError,
@@ -17,6 +19,14 @@ from clbench.codecs.base import (
     parse_spec,
 )
 from clbench.codecs.registry import CODECS, codec_names, get_codec, register_codec
+
+# CompressAI 1.2.8 imports torch_geometric, whose module level calls ``torch.jit.script``
+# (deprecated in torch 2.10+). Every codec module here may be the first to import
+# CompressAI, so exactly that message is silenced once for the codec zoo, here; no other
+# warning is filtered (see also learned.import_compressai).
+warnings.filterwarnings(
+    "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+)
 
 __all__ = [
     "CODECS",

@@ -39,6 +39,10 @@ class Codec:
     name: str = ""
     rate_knob: str | None = None
     lossless: bool = False
+    # What ``decode`` returns: "image" (uint8 HxWx3) or "feature" (float32 CxHxW maps of a
+    # task model's split; see clbench.codecs.task_model.FeatureCodec). Encoders always take
+    # images, so a buffer stores and counts either kind the same way.
+    kind: str = "image"
 
     # -- what subclasses implement ---------------------------------------------------
     def encode_one(self, image: np.ndarray) -> bytes:
@@ -76,6 +80,11 @@ class Codec:
 
     def payload_size(self, data: bytes) -> int:
         """Bytes of coded payload in ``data``, without container framing (len for files)."""
+        return len(data)
+
+    def charged_bytes(self, data: bytes) -> int:
+        """Bytes a replay buffer charges for storing ``data`` against its budget: all of
+        it (``raw`` leaves out the shape header that exemplars of one scenario share)."""
         return len(data)
 
     def options(self) -> dict[str, Any]:

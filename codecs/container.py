@@ -84,6 +84,24 @@ def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
             return n, pos
 
 
+def _join_strings(strings: list[bytes]) -> bytes:
+    """Length-prefixed segments: varint(len) + bytes, one after another."""
+    return b"".join(_varint(len(s)) + s for s in strings)
+
+
+def _read_strings(data: bytes, pos: int, end: int, count: int) -> tuple[list[bytes], int]:
+    """``count`` segments written by :func:`_join_strings` from ``pos`` (never past ``end``);
+    (segments, position after them). ValueError when a length runs past ``end``."""
+    strings = []
+    for _ in range(count):
+        n, pos = _read_varint(data, pos, end)
+        if pos + n > end:
+            raise ValueError("segment runs past the end")
+        strings.append(data[pos : pos + n])
+        pos += n
+    return strings, pos
+
+
 def pack(p: Packet) -> bytes:
     """Serialise a packet (raises ValueError for values the format cannot hold)."""
     name = p.model.encode()
@@ -92,7 +110,7 @@ def pack(p: Packet) -> bytes:
         raise ValueError("model name, latent shape or segment count too large for the container")
     if not (0 < p.height <= 0xFFFF and 0 < p.width <= 0xFFFF):
         raise ValueError(f"image size {p.width}x{p.height} does not fit the container (max 65535)")
-    payload = b"".join(_varint(len(s)) + s for s in p.strings)
+    payload = _join_strings(p.strings)
     head = b"".join(
         [
             MAGIC,
@@ -151,14 +169,9 @@ def unpack(data: bytes, who: str = "learned codec", index: int | None = None) ->
     (crc,) = struct.unpack_from("<I", data, expected - 4)
     if zlib.crc32(data[: expected - 4]) != crc:
         raise bad("fails its CRC32 check: the bytes were corrupted")
-    strings, end = [], expected - 4
+    end = expected - 4
     try:
-        for _ in range(nseg):
-            n, pos = _read_varint(data, pos, end)
-            if pos + n > end:
-                raise ValueError
-            strings.append(data[pos : pos + n])
-            pos += n
+        strings, pos = _read_strings(data, pos, end, nseg)
     except ValueError:
         raise bad("has inconsistent segment lengths") from None
     if pos != end:

@@ -1,9 +1,18 @@
-"""A continually learned neural codec for compressed-exemplar replay.
+"""``continual``: a continually learned neural codec for compressed-exemplar replay.
 
 From "Learning to Classify New Foods Incrementally via Compressed Exemplars" (Yang et al.,
-CVPRW 2024): a learned codec (any CompressAI architecture in the zoo) is trained on the
-first task's images, then fine-tuned on each new task's images with the DECODER SIDE
+CVPRW 2024): a learned codec (any trainable CompressAI architecture in the zoo) is trained
+on the first task's images, then fine-tuned on each new task's images with the DECODER SIDE
 frozen, so that bitstreams stored in the buffer earlier still decode to the same pixels.
+
+A codec spec like the others::
+
+    continual:arch=bmshj2018-factorized,N=64,M=96,lmbda=0.013,first_steps=2000,cam=true
+
+Options: ``arch`` (the CompressAI family), the training options of :class:`ContinualCodec`,
+and every other option goes to the architecture's codec (``N``, ``M``, ``device``, ``pad``).
+Until its first :meth:`ContinualCodec.fit` the model is random: the compressed-replay
+strategies fit it after each task, before that task's exemplars are encoded.
 
 What is frozen after the first task: every module except the encoder side (``g_a``, and
 ``h_a`` for hyperprior models), i.e. the synthesis transform, the hyper-synthesis, any
@@ -12,33 +21,31 @@ the entropy model's quantiles are not touched (no aux step, no ``update()``), so
 bitstream meets exactly the tables and decoder it was written for. The test suite checks
 that pixels decoded from old bitstreams are bit-identical after fine-tuning.
 
-CAM guidance (option ``cam``): the distortion term is weighted per pixel by the
-classifier's class-activation map of the image's label, so the foreground the classifier
-uses keeps its quality. We compute Grad-CAM on the last 4-D activation of the model, which
-equals the original CAM for a global-average-pooled linear head (ResNets) and works for any
-CNN backbone without knowing its layer names. Weights are ``floor + (1 - floor) * cam``
-normalised to mean 1 per image, so the rate-distortion trade-off (lambda) keeps its scale.
+Per-pixel distortion weights (``fit(images, weights)``): the strategy passes the
+classifier's class-activation maps when ``cam=true``; they enter the loss as
+``cam_floor + (1 - cam_floor) * w`` normalised to mean 1 per image, so the rate-distortion
+trade-off (lambda) keeps its scale.
 
-Codec parameters are memory too: :meth:`ContinualCodecStorage.param_bytes` counts the
-fp32 state (decoder and encoder: both are needed to keep adding exemplars), reported
-separately in the run record and optionally charged against the replay budget.
+Codec parameters are memory too: :meth:`ContinualCodec.param_bytes` counts the fp32 state
+(decoder and encoder: both are needed to keep adding exemplars), reported separately in the
+run record and optionally charged against the replay budget. torch and CompressAI are
+imported when a codec is built, so registering this family costs nothing.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
-from clbench.codecs.base import format_spec
+from clbench.codecs.base import Codec, format_spec
+from clbench.codecs.registry import get_codec, register_codec
 from clbench.errors import ConfigError
-from clbench.memory import CodecStorage
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 ENCODER_MODULES = ("g_a", "h_a")
 
@@ -46,6 +53,8 @@ ENCODER_MODULES = ("g_a", "h_a")
 def rd_loss(out: dict[str, Any], x: Tensor, lmbda: float, weight: Tensor | None = None) -> dict:
     """lambda * 255^2 * (weighted) MSE + bpp, CompressAI's RateDistortionLoss with an optional
     per-pixel weight (which CompressAI's loss does not take, hence ours)."""
+    import torch
+
     n, _, h, w = x.shape
     bpp = sum(torch.log(lk).sum() for lk in out["likelihoods"].values()) / (
         -math.log(2) * n * h * w
@@ -55,42 +64,15 @@ def rd_loss(out: dict[str, Any], x: Tensor, lmbda: float, weight: Tensor | None 
     return {"loss": lmbda * 255**2 * mse + bpp, "bpp": bpp, "mse": err.mean()}
 
 
-def grad_cam(model: nn.Module, x: Tensor, y: Tensor, logits: Callable[[Tensor], Tensor]) -> Tensor:
-    """Grad-CAM maps in [0, 1], shape (N, 1, H, W), of class ``y`` on the last spatial 4-D
-    activation of ``model``'s leaf modules."""
-    acts: list[Tensor] = []
+@register_codec("continual")
+class ContinualCodec(Codec):
+    """A CompressAI architecture trained on task 0 and encoder-fine-tuned afterwards."""
 
-    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
-        if isinstance(out, Tensor) and out.dim() == 4 and min(out.shape[-2:]) > 1:
-            acts.append(out)  # a spatial map (pooled N,C,1,1 outputs are skipped)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            score = logits(x).gather(1, y[:, None]).sum()
-            if not acts:
-                raise ConfigError(
-                    "codec cam: the backbone has no 4-D activation to take a CAM from"
-                )
-            a = acts[-1]
-            (g,) = torch.autograd.grad(score, a)
-    finally:
-        for h in handles:
-            h.remove()
-    cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)).detach()
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
-    peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
-    return cam / peak
-
-
-class ContinualCodecStorage(CodecStorage):
-    """Replay storage whose codec is trained on task 0 and encoder-fine-tuned afterwards."""
+    rate_knob = "lmbda"
 
     def __init__(
         self,
         arch: str = "bmshj2018-factorized",
-        arch_kwargs: dict[str, Any] | None = None,
         lmbda: float = 0.0067,
         first_steps: int = 2000,
         task_steps: int = 300,
@@ -98,25 +80,53 @@ class ContinualCodecStorage(CodecStorage):
         lr: float = 1e-4,
         aux_lr: float = 1e-3,
         clip: float = 1.0,
+        cam: bool = False,
         cam_floor: float = 0.2,
         seed: int = 0,
+        **arch_options: Any,
     ):
-        super().__init__(format_spec(arch, {"pretrained": False, **(arch_kwargs or {})}))
-        self.model: nn.Module = self.codec.model
+        self.inner = get_codec(format_spec(arch, {"pretrained": False, **arch_options}))
+        self.model: nn.Module = getattr(self.inner, "model", None)
         if not hasattr(self.model, "aux_loss"):
-            raise ConfigError(f"learned_codec: {arch} is not a trainable CompressAI-style codec")
-        self.codec.lmbda = lmbda
-        self.arch, self.lmbda = arch, float(lmbda)
+            raise ConfigError(f"codec continual: {arch} is not a trainable CompressAI-style codec")
+        self.inner.lmbda = float(lmbda)  # written into every bitstream's header
+        self.arch, self.arch_options, self.lmbda = arch, dict(arch_options), float(lmbda)
         self.first_steps, self.task_steps, self.batch_size = first_steps, task_steps, batch_size
-        self.lr, self.aux_lr, self.clip, self.cam_floor = lr, aux_lr, clip, cam_floor
-        self.seed = seed
-        self.version = 0  # bumped on every fit, so views keyed by name see a new codec
+        self.lr, self.aux_lr, self.clip = lr, aux_lr, clip
+        self.cam, self.cam_floor, self.seed = bool(cam), cam_floor, seed
+        self.version = 0  # bumped on every fit: views of data decoded by it are then stale
         self.history: list[dict[str, Any]] = []
 
-    # -- the Storage contract: CodecStorage's, with a versioned name ----------------------
+    def options(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            **self.arch_options,
+            "lmbda": self.lmbda,
+            "first_steps": self.first_steps,
+            "task_steps": self.task_steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "aux_lr": self.aux_lr,
+            "clip": self.clip,
+            "cam": self.cam,
+            "cam_floor": self.cam_floor,
+            "seed": self.seed,
+        }
+
     @property
-    def name(self) -> str:
-        return f"continual:{self.arch}@v{self.version}"
+    def arch_kwargs(self) -> dict[str, Any]:
+        """The architecture's constructor arguments (N, M, ...) after defaults."""
+        return dict(self.inner.arch_kwargs)
+
+    # -- the codec contract: the inner CompressAI codec's bitstreams -------------------------
+    def encode_batch(self, images: list[np.ndarray]) -> list[bytes]:
+        return self.inner.encode_batch(images)
+
+    def decode_batch(self, data: list[bytes]) -> list[np.ndarray]:
+        return self.inner.decode_batch(data)
+
+    def payload_size(self, data: bytes) -> int:
+        return self.inner.payload_size(data)
 
     # -- training -------------------------------------------------------------------------------
     def encoder_parameters(self) -> list[nn.Parameter]:
@@ -128,6 +138,7 @@ class ContinualCodecStorage(CodecStorage):
     def fit(self, images: Tensor, weights: Tensor | None = None) -> dict[str, Any]:
         """Train on uint8 NCHW ``images`` (optionally with per-pixel distortion ``weights``,
         N1HW): the whole model the first time, the encoder side only afterwards."""
+        import torch
         from compressai.optimizers import net_aux_optimizer
 
         first = self.version == 0

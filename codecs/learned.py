@@ -23,6 +23,7 @@ to build: a silently random model would produce plausible-looking garbage.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import defaultdict
 from functools import cache
 from pathlib import Path
@@ -47,8 +48,27 @@ def learned_config() -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
+@cache
+def import_compressai() -> Any:
+    """Import CompressAI once, without the torch.jit FutureWarning it triggers.
+
+    CompressAI 1.2.8 imports torch_geometric (for its point-cloud transforms registry),
+    whose module level calls ``torch.jit.script``, deprecated in torch 2.10+. The warning
+    is about torch_geometric's code, not ours or the image codecs', and fires only at that
+    first import, so exactly that message is silenced around exactly that import.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+        )
+        import compressai
+
+    return compressai
+
+
 def zoo_filename(family: str, quality: int, metric: str = "mse") -> str:
     """File name of a CompressAI zoo checkpoint, as torch.hub caches it."""
+    import_compressai()
     from compressai.zoo.image import model_urls
 
     return os.path.basename(urlparse(model_urls[family][metric][quality]).path)
@@ -68,6 +88,8 @@ def read_checkpoint(path: str | os.PathLike, who: str) -> tuple[dict[str, Any], 
     ("state_dict", "network", "model_state_dict").
     """
     import torch
+
+    import_compressai()
     from compressai.zoo import load_state_dict
 
     p = Path(path).expanduser()
@@ -115,6 +137,7 @@ class CompressAICodec(Codec):
     ):
         import torch
 
+        import_compressai()
         self._torch = torch
         self.q, self.metric, self.checkpoint = q, metric, checkpoint
         self.download, self.pretrained, self.device = bool(download), pretrained, str(device)

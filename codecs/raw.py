@@ -4,7 +4,13 @@ Compressed replay compares "raw exemplars" against "compressed exemplars" at equ
 bytes; this codec makes raw storage go through the same contract and byte accounting.
 Layout: b"RW", version (1 byte), height and width (uint16 little endian), then the
 H*W*3 pixel bytes. 7 bytes of overhead; a length check catches truncation (pixels carry
-no redundancy, so a flipped bit cannot be detected without adding a checksum).
+no redundancy, so a flipped bit cannot be detected without adding a checksum; the replay
+buffer adds one when it writes a checkpoint).
+
+A replay buffer charges a raw exemplar its H*W*3 pixel bytes only (``charged_bytes``): held
+as one array, a scenario's exemplars share one shape, so the per-item header exists only
+because the codec contract wants self-contained bytes. This keeps the replay protocols'
+unit (2,000 CIFAR exemplars = 6,144,000 B) and the byte counts of earlier records.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ class RawCodec(Codec):
         if h > 0xFFFF or w > 0xFFFF:
             raise ClbenchError(f"codec raw: a {w}x{h} image is larger than 65535 pixels on a side")
         return _HEADER.pack(_MAGIC, _VERSION, h, w) + image.tobytes()
+
+    def charged_bytes(self, data: bytes) -> int:
+        return len(data) - _HEADER.size
 
     def decode_one(self, data: bytes) -> np.ndarray:
         if len(data) < _HEADER.size or data[:2] != _MAGIC:

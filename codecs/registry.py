@@ -18,7 +18,18 @@ from clbench.registry import Registry
 CODECS: Registry[Callable[..., Codec]] = Registry(
     "codec",
     group="clbench.codecs",
-    builtins=("clbench.codecs.classic", "clbench.codecs.raw", "clbench.codecs.learned"),
+    builtins=(
+        "clbench.codecs.classic",
+        "clbench.codecs.raw",
+        "clbench.codecs.learned",
+        "clbench.codecs.eff_lic",  # efficient-LIC family (issue 14)
+        "clbench.codecs.bgvae",  # bound-guided variable-rate hierarchical VAE (issue 15)
+        "clbench.codecs.continual",
+        "clbench.codecs.feature_vr",  # image coding for machines (issue 16)
+        "clbench.codecs.icm_lora",
+        "clbench.codecs.video_classic",  # video anchors through PyAV (issue 17)
+        "clbench.codecs.dhvc",  # hierarchical predictive video codec (issue 17)
+    ),
 )
 
 C = TypeVar("C")
@@ -26,13 +37,7 @@ C = TypeVar("C")
 
 def register_codec(name: str, *aliases: str) -> Callable[[C], C]:
     """Class decorator: ``@register_codec("mine")`` makes ``get_codec("mine:...")`` work."""
-
-    def deco(cls: C) -> C:
-        if isinstance(cls, type) and not getattr(cls, "name", ""):
-            cls.name = name
-        return CODECS.register(name, *aliases)(cls)
-
-    return deco
+    return CODECS.register_named(name, *aliases)  # type: ignore[return-value]
 
 
 def codec_names() -> list[str]:

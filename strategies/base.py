@@ -1,4 +1,4 @@
-"""The strategy contract, its registry, and the thin training loop strategies share.
+"""The strategy contract, its registry, typed hyper-parameters and the shared lifecycle.
 
 A strategy is built from a :class:`StrategyContext` (config, scenario facts, a backbone
 factory, device) plus its hyper-parameters, trains on one experience at a time, predicts
@@ -6,6 +6,11 @@ logits over all classes seen so far, and reports the memory it holds and its tra
 parameters. Its whole state round-trips through ``state_dict``/``load_state_dict`` made of
 tensors and plain Python values only, so that checkpoints load with
 ``torch.load(weights_only=True)``.
+
+Every family follows one thin lifecycle, ``train_experience(exp)`` =
+``before_experience(exp)`` (prepare: new adapters, prompts, heads, a re-initialisation),
+``learn(exp)`` (train, through the one engine in ``clbench/engine.py``) and
+``after_experience(exp)`` (consolidate: buffers, teachers, prototypes, importances).
 
 Why our own loop and not Avalanche's ``SupervisedTemplate``: (1) Avalanche checkpoints
 pickle the whole strategy with dill, which ``weights_only=True`` cannot load and which breaks
@@ -18,13 +23,12 @@ functions (e.g. iCaRL herding).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import yaml
@@ -32,8 +36,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from clbench.config import BenchmarkConfig, TrainConfig
-from clbench.errors import ClbenchError, ConfigError
+from clbench.engine import Engine, FitResult, LossFn, NonFiniteLossError, autocast
+from clbench.engine import amp_dtype as _amp_dtype
+from clbench.errors import ConfigError
+from clbench.optim import Optim, Schedule, check_optim
 from clbench.registry import Registry
+from clbench.strategies.heads import IncrementalHead
+
+__all__ = [  # re-exported for code written against the earlier module layout
+    "IncrementalHead",
+    "NonFiniteLossError",
+    "autocast",
+]
 
 STRATEGIES: Registry[type[Strategy]] = Registry(
     "strategy",
@@ -44,6 +58,7 @@ STRATEGIES: Registry[type[Strategy]] = Registry(
         "clbench.strategies.compressed_replay",
         "clbench.strategies.cl_lora",
         "clbench.strategies.ptm",
+        "clbench.strategies.inflora",
         "clbench.strategies.prompts",
     ),
 )
@@ -68,10 +83,6 @@ def strategy_base(label: str) -> str:
     return label.split("@", 1)[0]
 
 
-class NonFiniteLossError(ClbenchError):
-    """The loss became NaN/inf."""
-
-
 @dataclass
 class StrategyContext:
     """What a strategy is built from."""
@@ -89,7 +100,8 @@ class StrategyContext:
 
 @dataclass
 class Experience:
-    """One training experience as the runner hands it to a strategy."""
+    """One training experience as the runner hands it to a strategy (``index`` 0-based, as
+    everywhere in records, logs and plots)."""
 
     index: int
     classes: list[int]  # labels new in this experience
@@ -111,18 +123,8 @@ def load_defaults(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def amp_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype. ``auto``: bf16 on CUDA, none on CPU, because on the AVX2-only
-    CPUs we measured (benchmarks/perf/amp_cpu.py) bf16 autocast makes convolutions an order
-    of magnitude slower; ViT benchmarks opt in with ``amp: bf16``, where matmuls gain."""
-    if train.amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[train.amp]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """The autocast dtype of ``train.amp`` on ``device`` (see :func:`clbench.engine.amp_dtype`)."""
+    return _amp_dtype(train.amp, device)
 
 
 def count_params(module: nn.Module, trainable_only: bool = True) -> int:
@@ -135,19 +137,43 @@ def module_bytes(module: nn.Module | None) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-class IncrementalHead(nn.Module):
-    """A linear head over all scenario classes whose output is sliced to the seen ones.
+# -- pieces several families share ------------------------------------------------------------
 
-    Allocating all units up front (rather than growing the layer) keeps optimiser and
-    checkpoint shapes fixed; unseen units never receive a loss.
-    """
+#: per-experience optimisation settings a strategy may set itself; null -> the benchmark's
+#: ``train`` section (PTM strategies, CL-LoRA)
+TRAIN_KEYS = ("epochs", "lr", "batch_size", "weight_decay")
+TRAIN_KEY_TYPES = {
+    "epochs": "int | None",
+    "lr": "float | None",
+    "batch_size": "int | None",
+    "weight_decay": "float | None",
+}
 
-    def __init__(self, in_features: int, num_classes: int):
-        super().__init__()
-        self.fc = nn.Linear(in_features, num_classes)
 
-    def forward(self, feats: Tensor, n_seen: int) -> Tensor:
-        return self.fc(feats)[:, :n_seen]
+def fill_train_keys(params: dict[str, Any], train: TrainConfig) -> None:
+    """Replace null ``TRAIN_KEYS`` in ``params`` by the benchmark's ``train`` values."""
+    for key in TRAIN_KEYS:
+        if key in params and params[key] is None:
+            params[key] = getattr(train, key)
+
+
+def backbone_fingerprint(frozen: Sequence[Tensor]) -> list[float]:
+    """A cheap fingerprint of frozen pre-trained weights, which checkpoints do not hold
+    (``make_backbone()`` rebuilds them): sums of the first and last tensors, and the count."""
+    return [float(frozen[0].double().sum()), float(frozen[-1].double().sum()), float(len(frozen))]
+
+
+def check_fingerprint(stored: list[float] | None, current: list[float], who: str) -> None:
+    """Refuse a checkpoint made on other backbone weights. Checkpoints written before the
+    count was added hold two values; the common prefix is compared."""
+    if stored is not None and any(
+        not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+        for a, b in zip(current, stored, strict=False)
+    ):
+        raise ConfigError(
+            f"{who} checkpoint was made with different backbone weights than "
+            "make_backbone() gives now (same backbone.checkpoint / seed needed)"
+        )
 
 
 class BackboneClassifier(nn.Module):
@@ -165,24 +191,89 @@ class BackboneClassifier(nn.Module):
         return self.head(self.backbone(x), n_seen)
 
 
+# -- typed hyper-parameters -------------------------------------------------------------------
+
+_KINDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("bool", bool),  # before int: True is an int to Python
+    ("int", int),
+    ("float", float),
+    ("str", str),
+    ("list", (list, tuple)),
+    ("dict", dict),
+)
+
+
+def _kind_of(default: Any) -> str | None:
+    for name, t in _KINDS:
+        if isinstance(default, t):
+            return name
+    return None
+
+
+def _coerce_param(value: Any, spec: str) -> tuple[bool, Any]:
+    """(ok, value) for ``value`` against an annotation like ``"int | str | None"``. An int is
+    a float's value as is; a string such as ``"1e-4"`` (YAML 1.1 reads it so) is converted."""
+    kinds = [k.strip() for k in spec.split("|")]
+    if value is None:
+        return "None" in kinds or "any" in kinds, None
+    is_bool = isinstance(value, bool)
+    for kind in kinds:
+        if kind == "any":
+            return True, value
+        if kind == "bool" and is_bool:
+            return True, value
+        if kind == "int" and isinstance(value, int) and not is_bool:
+            return True, value
+        if kind == "float" and not is_bool:
+            if isinstance(value, int | float):
+                return True, value
+            if isinstance(value, str):
+                try:
+                    return True, float(value)
+                except ValueError:
+                    pass
+        if kind == "str" and isinstance(value, str):
+            return True, value
+        if kind == "list" and isinstance(value, list | tuple):
+            return True, value
+        if kind == "dict" and isinstance(value, dict):
+            return True, value
+    return False, value
+
+
+# -- the contract -----------------------------------------------------------------------------
+
+
 class Strategy(ABC):
-    """Base class of every strategy. Subclasses register with ``@register_strategy(name)``."""
+    """Base class of every strategy. Subclasses register with ``@register_strategy(name)``.
+
+    A subclass implements ``learn`` (or overrides ``train_experience`` whole), ``predict``
+    and ``state_dict``/``load_state_dict``; ``before_experience``/``after_experience`` are
+    its hooks around training.
+    """
 
     #: hyper-parameter defaults; subclasses load theirs from the YAML beside the module
     defaults: dict[str, Any] = {}
+    #: types of hyper-parameters whose default does not tell it (a null default, or more
+    #: than one accepted type), e.g. ``{"mem_size": "int | None"}``; merged along the MRO.
+    #: Every other parameter must have the type of its YAML default.
+    param_types: ClassVar[dict[str, str]] = {}
 
     def __init__(self, ctx: StrategyContext, **params: Any):
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise ConfigError(
-                f"unknown parameter(s) {', '.join(sorted(unknown))} for strategy "
-                f"{self.name}; valid: {', '.join(sorted(self.defaults)) or '(none)'}"
-            )
+        self.params = self.check_params(params)
         self.ctx = ctx
-        self.params = {**self.defaults, **params}
         self.device = ctx.device
         self.train_cfg = ctx.config.train
-        self.amp = amp_dtype(self.train_cfg, self.device)
+        t = self.train_cfg
+        check_optim(self.train_optim(), self.train_schedule(), "train.optimizer", "train.scheduler")
+        self.amp = amp_dtype(t, self.device)
+        self.engine = Engine(
+            f"strategy {self.name}",
+            device=self.device,
+            amp=self.amp,
+            progress=ctx.progress,
+            channels_last=t.channels_last,
+        )
         self.n_seen = 0
         self.images_trained = 0
 
@@ -190,11 +281,55 @@ class Strategy(ABC):
     def name(self) -> str:
         return getattr(type(self), "registered_name", type(self).__name__)
 
-    # -- the contract -------------------------------------------------------------------
-    @abstractmethod
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The defaults updated with ``params``, each checked against its type (one-line
+        ConfigError naming the strategy and the key); callable before anything is built."""
+        name = getattr(cls, "registered_name", cls.__name__)
+        unknown = set(params) - set(cls.defaults)
+        if unknown:
+            raise ConfigError(
+                f"unknown parameter(s) {', '.join(sorted(unknown))} for strategy "
+                f"{name}; valid: {', '.join(sorted(cls.defaults)) or '(none)'}"
+            )
+        types: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            types.update(vars(klass).get("param_types", {}))
+        out = dict(cls.defaults)
+        for key, value in params.items():
+            spec = types.get(key) or _kind_of(cls.defaults[key])
+            if spec is not None:
+                ok, value = _coerce_param(value, spec)
+                if not ok:
+                    raise ConfigError(
+                        f"strategy {name}: parameter {key} expects {spec}, got {value!r} "
+                        f"(strategy_params.{name}.{key})"
+                    )
+            out[key] = value
+        return out
+
+    # -- the lifecycle ----------------------------------------------------------------------
     def train_experience(self, exp: Experience) -> None:
         """Learn experience ``exp``; afterwards ``predict`` covers ``exp.seen_classes``."""
+        self.before_experience(exp)
+        self.learn(exp)
+        self.after_experience(exp)
 
+    def before_experience(self, exp: Experience) -> None:
+        """Prepare for ``exp`` (new adapters, prompts or heads; a re-initialisation)."""
+        return None
+
+    def learn(self, exp: Experience) -> None:
+        """Train on ``exp``, through :meth:`fit` or ``self.engine``."""
+        raise NotImplementedError(
+            f"strategy {self.name} implements neither learn nor train_experience"
+        )
+
+    def after_experience(self, exp: Experience) -> None:
+        """Consolidate after training (buffers, teachers, prototypes, importances)."""
+        return None
+
+    # -- the contract -------------------------------------------------------------------
     @abstractmethod
     def predict(self, x: Tensor) -> Tensor:
         """Logits ``[B, n_seen]`` for a batch of eval-transformed images."""
@@ -229,20 +364,9 @@ class Strategy(ABC):
         return {"buffer_bytes": 0, "model_copies_bytes": 0, "exemplars": None, "mean_bpp": None}
 
     # -- shared machinery -----------------------------------------------------------------
-    def check_finite(self, loss: Tensor, exp_index: int, step: int, hint: str) -> None:
-        """Stop the run on a NaN/inf loss, naming the experience, the step and a remedy."""
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(
-                f"strategy {self.name}: loss is {loss.item()} at experience {exp_index}, "
-                f"step {step} {hint}"
-            )
-
     def to_device(self, x: Tensor) -> Tensor:
         """Move an input batch to the device (channels-last for 4-D inputs if configured)."""
-        x = x.to(self.device, non_blocking=True)
-        if self.train_cfg.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return self.engine.to_device(x)
 
     def loader(
         self, data: Dataset, shuffle: bool = True, batch_size: int | None = None
@@ -259,86 +383,43 @@ class Strategy(ABC):
             persistent_workers=False,
         )
 
-    def make_optimizer(self, params: Iterator[nn.Parameter] | list, lr: float | None = None):
+    def train_optim(self, lr: float | None = None) -> Optim:
+        """The benchmark's ``train`` optimizer settings."""
         t = self.train_cfg
-        params = [p for p in params if p.requires_grad]
-        lr = t.lr if lr is None else lr
-        factories = {
-            "sgd": lambda: torch.optim.SGD(
-                params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay
-            ),
-            "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay),
-            "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay),
-        }
-        if t.optimizer not in factories:
-            raise ConfigError(
-                f"train.optimizer {t.optimizer!r}: valid values: {', '.join(factories)}"
-            )
-        return factories[t.optimizer]()
+        return Optim(t.optimizer, t.lr if lr is None else lr, t.momentum, t.weight_decay)
 
-    def make_scheduler(self, opt: torch.optim.Optimizer, total_steps: int):
+    def train_schedule(self) -> Schedule:
+        """The benchmark's ``train`` schedule, stepped after every optimiser step."""
         t = self.train_cfg
-        total_steps = max(1, total_steps)
-        factories = {
-            "none": lambda: None,
-            "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps),
-            "multistep": lambda: torch.optim.lr_scheduler.MultiStepLR(
-                opt, [int(m * total_steps) for m in t.milestones], gamma=0.1
-            ),
-        }
-        if t.scheduler not in factories:
-            raise ConfigError(
-                f"train.scheduler {t.scheduler!r}: valid values: {', '.join(factories)}"
-            )
-        return factories[t.scheduler]()
+        return Schedule(t.scheduler, every="step", milestones=tuple(t.milestones))
 
     def fit(
         self,
-        loader: DataLoader,
-        step_loss: Callable[[Tensor, Tensor], Tensor],
-        params: list[nn.Parameter],
+        loader: Iterable,
+        step_loss: LossFn,
+        params: Iterable[nn.Parameter],
         exp_index: int,
         epochs: int | None = None,
         lr: float | None = None,
         desc: str = "train",
-    ) -> None:
-        """Minimise ``step_loss(x, y)`` over ``loader`` for ``epochs`` (per-step scheduler).
-
-        A non-finite loss stops the run naming the experience and the step.
-        """
-        epochs = self.train_cfg.epochs if epochs is None else epochs
-        opt = self.make_optimizer(params, lr)
-        sched = self.make_scheduler(opt, epochs * len(loader))
-        clip = self.train_cfg.grad_clip
-        step = 0
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=epochs * len(loader),
-            desc=f"{self.name} exp {exp_index} {desc}",
-            disable=not self.ctx.progress,
-            leave=False,
-            dynamic_ncols=True,
+    ) -> FitResult:
+        """Minimise ``step_loss(x, y)`` over ``loader`` with the benchmark's ``train``
+        optimizer, schedule and clipping (the engine; a non-finite loss stops the run
+        naming the experience and the step)."""
+        result = self.engine.fit(
+            loader,
+            params,
+            optim=self.train_optim(lr),
+            schedule=self.train_schedule(),
+            epochs=self.train_cfg.epochs if epochs is None else epochs,
+            loss=step_loss,
+            clip=self.train_cfg.grad_clip,
+            exp_index=exp_index,
+            desc=desc,
+            hint="lower train.lr or set train.grad_clip",
         )
-        for _ in range(epochs):
-            for batch in loader:
-                x, y = self.to_device(batch[0]), batch[1].to(self.device)
-                with autocast(self.device, self.amp):
-                    loss = step_loss(x, y)
-                self.check_finite(
-                    loss, exp_index, step, f"({desc}); lower train.lr or set train.grad_clip"
-                )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip:
-                    nn.utils.clip_grad_norm_(params, clip)
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                self.images_trained += len(y)
-                step += 1
-                bar.update()
-        bar.close()
+        self.images_trained += result.images
+        return result
 
     @torch.no_grad()
     def extract(

@@ -10,12 +10,13 @@ the loop is ours.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from clbench.strategies.base import (
@@ -27,6 +28,9 @@ from clbench.strategies.base import (
     module_bytes,
     register_strategy,
 )
+from clbench.strategies.heads import distillation
+
+__all__ = ["distillation"]  # re-exported: it lived here before strategies/heads.py
 
 DEFAULTS = Path(__file__).with_suffix(".yaml")
 
@@ -34,8 +38,9 @@ DEFAULTS = Path(__file__).with_suffix(".yaml")
 class ModelStrategy(Strategy):
     """A backbone + incremental head trained with cross-entropy; subclasses add terms.
 
-    Hooks: ``training_data(exp)`` (what to iterate), ``loss(x, y)`` (per batch),
-    ``after_experience(exp)`` (consolidation), ``extra_state``/``load_extra_state``.
+    Hooks: ``training_data(exp)`` / ``train_loader(exp)`` (what to iterate), ``loss(x, y)``
+    (per batch), ``after_experience(exp)`` (consolidation), ``extra_state``/
+    ``load_extra_state``.
     """
 
     def __init__(self, ctx: StrategyContext, **params: Any):
@@ -52,19 +57,20 @@ class ModelStrategy(Strategy):
     def training_data(self, exp: Experience) -> Dataset:
         return self.new_data(exp)
 
+    def train_loader(self, exp: Experience) -> Iterable:
+        """What the engine iterates for ``exp``: batches ``(x, y, ...)``."""
+        return self.loader(self.training_data(exp))
+
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(self.model(x, self.n_seen), y)
 
-    def after_experience(self, exp: Experience) -> None:
-        """Consolidate after training (distillation targets, importances, buffers)."""
-
-    def train_experience(self, exp: Experience) -> None:
+    def before_experience(self, exp: Experience) -> None:
         self.n_seen = len(exp.seen_classes)
         self.model.train()
-        loader = self.loader(self.training_data(exp))
-        self.fit(loader, self.loss, list(self.model.parameters()), exp.index)
+
+    def learn(self, exp: Experience) -> None:
+        self.fit(self.train_loader(exp), self.loss, list(self.model.parameters()), exp.index)
         self.model.eval()
-        self.after_experience(exp)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -87,6 +93,41 @@ class ModelStrategy(Strategy):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+
+class PreviousModel:
+    """A frozen copy of the model as it was after the last experience, with the classes it
+    had seen: the distillation teacher of LwF and iCaRL."""
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.n_seen = 0
+
+    def snapshot(self, model: nn.Module, n_seen: int) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.n_seen = n_seen
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        """Teacher logits over the classes it had seen."""
+        return self.model(x, self.n_seen)
+
+    def __bool__(self) -> bool:
+        return self.model is not None
+
+    def nbytes(self) -> int:
+        return module_bytes(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        prev = None if self.model is None else self.model.state_dict()
+        return {"prev": prev, "prev_n_seen": self.n_seen}
+
+    def load_state_dict(self, state: dict[str, Any], like: nn.Module) -> None:
+        """Restore from ``state``; ``like`` is a model of the same architecture."""
+        self.n_seen = state["prev_n_seen"]
+        if state["prev"] is not None:
+            self.model = copy.deepcopy(like).eval().requires_grad_(False)
+            self.model.load_state_dict(state["prev"])
 
 
 @register_strategy("finetune", DEFAULTS)
@@ -119,52 +160,35 @@ class Joint(ModelStrategy):
         return {**super().memory(), "buffer_bytes": n * 3 * self.ctx.image_size**2, "exemplars": n}
 
 
-class _PreviousModel(ModelStrategy):
-    """Keeps a frozen copy of the model after each experience (LwF's teacher)."""
+@register_strategy("lwf", DEFAULTS)
+class LwF(ModelStrategy):
+    """Learning without Forgetting: CE on new data + alpha * KD from the previous model."""
 
     def __init__(self, ctx: StrategyContext, **params: Any):
         super().__init__(ctx, **params)
-        self.prev: BackboneClassifier | None = None
-        self.prev_n_seen = 0
-
-    def after_experience(self, exp: Experience) -> None:
-        self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.prev_n_seen = self.n_seen
-
-    def memory(self) -> dict[str, Any]:
-        return {**super().memory(), "model_copies_bytes": module_bytes(self.prev)}
-
-    def extra_state(self) -> dict[str, Any]:
-        prev = None if self.prev is None else self.prev.state_dict()
-        return {"prev": prev, "prev_n_seen": self.prev_n_seen}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.prev_n_seen = state["prev_n_seen"]
-        if state["prev"] is not None:
-            self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
-            self.prev.load_state_dict(state["prev"])
-
-
-def distillation(logits: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """Hinton's KD: soft cross-entropy between tempered distributions, scaled by T^2."""
-    log_p = F.log_softmax(logits / temperature, dim=1)
-    q = F.softmax(teacher / temperature, dim=1)
-    return -(q * log_p).sum(1).mean() * temperature**2
-
-
-@register_strategy("lwf", DEFAULTS)
-class LwF(_PreviousModel):
-    """Learning without Forgetting: CE on new data + alpha * KD from the previous model."""
+        self.teacher = PreviousModel()
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         logits = self.model(x, self.n_seen)
         loss = F.cross_entropy(logits, y)
-        if self.prev is not None:
-            with torch.no_grad():
-                teacher = self.prev(x, self.prev_n_seen)
-            kd = distillation(logits[:, : self.prev_n_seen], teacher, self.params["temperature"])
+        if self.teacher:
+            kd = distillation(
+                logits[:, : self.teacher.n_seen], self.teacher(x), self.params["temperature"]
+            )
             loss = loss + self.params["alpha"] * kd
         return loss
+
+    def after_experience(self, exp: Experience) -> None:
+        self.teacher.snapshot(self.model, self.n_seen)
+
+    def memory(self) -> dict[str, Any]:
+        return {**super().memory(), "model_copies_bytes": self.teacher.nbytes()}
+
+    def extra_state(self) -> dict[str, Any]:
+        return self.teacher.state_dict()
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.teacher.load_state_dict(state, self.model)
 
 
 @register_strategy("ewc", DEFAULTS)

@@ -53,7 +53,6 @@ the updates to the q and v slices of its output, so timm's attention code is reu
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,16 +61,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clbench.engine import Fit
 from clbench.errors import ConfigError
+from clbench.optim import Optim, Schedule, check_optim
 from clbench.strategies.base import (
+    TRAIN_KEY_TYPES,
     Experience,
     Strategy,
     StrategyContext,
     autocast,
+    backbone_fingerprint,
+    check_fingerprint,
     extend_class_means,
+    fill_train_keys,
     load_defaults,
     register_strategy,
 )
+from clbench.strategies.heads import CosineHead, local_labels, soft_cross_entropy
+
+__all__ = ["CosineHead", "soft_cross_entropy"]  # re-exported: they lived here before heads.py
 
 DEFAULTS_FILE = Path(__file__).with_name("cl_lora.yaml")
 
@@ -416,37 +424,18 @@ class CLLoRAViT(nn.Module):
             setattr(self, name, lst)
 
 
-class CosineHead(nn.Module):
-    """Cosine classifier (official ``CosineLinearFeature``): sigma * cos(f, w), sigma init 1,
-    weights U(-1/sqrt(d), 1/sqrt(d))."""
-
-    def __init__(self, dim: int, n: int, gen: torch.Generator | None = None):
-        super().__init__()
-        bound = 1.0 / math.sqrt(dim)
-        self.weight = nn.Parameter(torch.rand(n, dim, generator=gen) * 2 * bound - bound)
-        self.sigma = nn.Parameter(torch.ones(1))
-
-    def forward(self, f: Tensor) -> Tensor:
-        return self.sigma * F.linear(F.normalize(f, dim=1), F.normalize(self.weight, dim=1))
-
-
-def soft_cross_entropy(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """Official ``_KD_loss``: -sum softmax(t/T) * log_softmax(s/T) / batch (no T^2)."""
-    logp = torch.log_softmax(student.float() / temperature, dim=1)
-    q = torch.softmax(teacher.float() / temperature, dim=1)
-    return -(q * logp).sum() / student.shape[0]
-
-
 # -- the strategy --------------------------------------------------------------------------
 
 PRESETS: dict[str, dict[str, Any]] = load_defaults(DEFAULTS_FILE).get("cl-lora-presets") or {}
-# per-experience optimisation settings: None -> the preset's value -> the benchmark's train
-TRAIN_KEYS = ("epochs", "lr", "batch_size", "weight_decay")
 
 
 @register_strategy("cl-lora", DEFAULTS_FILE)
 class CLLoRA(Strategy):
     """CL-LoRA on a timm ViT; see the module docstring and docs/cl-lora.md."""
+
+    # precedence for the null ones: explicit value > the preset > the benchmark's train
+    # section (rank: 10)
+    param_types = {**TRAIN_KEY_TYPES, "preset": "str | None", "rank": "int | None"}
 
     def __init__(self, ctx: StrategyContext, **params: Any):
         super().__init__(ctx, **params)
@@ -458,15 +447,14 @@ class CLLoRA(Strategy):
         for key, value in fill.items():
             if p.get(key) is None:
                 p[key] = value
-        t = self.train_cfg
-        for key in TRAIN_KEYS:
-            if p[key] is None:
-                p[key] = getattr(t, key)
+        fill_train_keys(p, self.train_cfg)
         if p["rank"] is None:
             p["rank"] = 10
         for key, table in (("inference", INFERENCE), ("orth_loss", ORTH_LOSSES)):
             if p[key] not in table:
                 raise ConfigError(f"cl-lora {key} {p[key]!r}: valid: {', '.join(table)}")
+        where = "strategy_params.cl-lora"
+        check_optim(self.optim(), self.schedule(), where, where)
         self.net = CLLoRAViT(
             ctx.make_backbone(),
             rank=int(p["rank"]),
@@ -479,62 +467,67 @@ class CLLoRA(Strategy):
         self.task_classes: list[list[int]] = []
         self.step_counts = {"kd": 0, "ce": 0}  # optimiser steps on the last experience
         self._last_trainable = 0
+        self._head: CosineHead | None = None  # the training head of the current task
+        self._local: Tensor | None = None  # scenario label -> that head's output index
+
+    def optim(self) -> Optim:
+        p = self.params  # official get_optimizer: SGD with momentum
+        return Optim("sgd", p["lr"], p["momentum"], p["weight_decay"])
+
+    def schedule(self) -> Schedule:
+        # official: CosineAnnealingLR(T_max=epochs, eta_min=min_lr) stepped once per epoch
+        return Schedule("cosine", every="epoch", min_lr=self.params["min_lr"])
 
     # -- training --------------------------------------------------------------------------
-    def train_experience(self, exp: Experience) -> None:
-        p, net = self.params, self.net
+    def before_experience(self, exp: Experience) -> None:
+        net = self.net
         net.add_task()
+        gen = net._gen(10_000 + net.n_tasks - 1)
+        self._head = CosineHead(net.vit.num_features, len(exp.classes), gen).to(self.device)
+        self._local = local_labels(exp.classes, self.ctx.num_classes, self.device)
+
+    def learn(self, exp: Experience) -> None:
+        p, net, head, local = self.params, self.net, self._head, self._local
         task = net.n_tasks - 1
-        gen = net._gen(10_000 + task)
-        head = CosineHead(net.vit.num_features, len(exp.classes), gen).to(self.device)
-        local = torch.full((self.ctx.num_classes,), -1, dtype=torch.long, device=self.device)
-        local[torch.as_tensor(exp.classes, device=self.device)] = torch.arange(
-            len(exp.classes), device=self.device
-        )
-        params = net.trainable() + list(head.parameters())
-        self._last_trainable = sum(q.numel() for q in params)
-        opt = torch.optim.SGD(
-            params, lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"]
-        )
-        epochs = int(p["epochs"])
-        # official: CosineAnnealingLR(T_max=epochs, eta_min=min_lr) stepped once per epoch
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs), p["min_lr"])
         loader = self.loader(exp.data("train"), shuffle=True, batch_size=int(p["batch_size"]))
         distill = task > 0 and net.l > 0 and p["kd_weight"] > 0
         orth = ORTH_LOSSES[p["orth_loss"]] if task > 0 and p["orth_weight"] > 0 else None
-        self.step_counts = {"kd": 0, "ce": 0}
-        net.train()
-        from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=epochs * len(loader),
-            desc=f"cl-lora exp {exp.index}",
-            disable=not self.ctx.progress,
-            leave=False,
+        def step(fit: Fit, x: Tensor, y: Tensor) -> None:
+            """From the second task on, two optimiser updates per batch."""
+            y = local[y]
+            with fit.autocast(), torch.no_grad():
+                emb = net.embed(x)  # frozen: shared by the two updates
+            if distill:
+                with fit.autocast():
+                    loss_kd = self.distill_loss(emb, head)
+                fit.update(loss_kd, "distillation", before_step=net.reassign_shared_gradients)
+            with fit.autocast():
+                loss = self.ce_loss(emb, y, head, task, orth)
+            fit.update(loss, "cross-entropy")
+
+        result = self.engine.fit(
+            loader,
+            net.trainable() + list(head.parameters()),
+            optim=self.optim(),
+            schedule=self.schedule(),
+            epochs=int(p["epochs"]),
+            step=step,
+            modules=[net],
+            exp_index=exp.index,
+            hint="lower strategy_params.cl-lora.lr",
         )
-        step = 0
-        for _ in range(epochs):
-            for batch in loader:
-                x = batch[0].to(self.device, non_blocking=True)
-                y = local[batch[1].to(self.device)]
-                with autocast(self.device, self.amp), torch.no_grad():
-                    emb = net.embed(x)  # frozen: shared by the two steps
-                if distill:
-                    with autocast(self.device, self.amp):
-                        loss_kd = self.distill_loss(emb, head)
-                    self._step(opt, loss_kd, exp.index, step, "distillation", net)
-                    self.step_counts["kd"] += 1
-                with autocast(self.device, self.amp):
-                    loss = self.ce_loss(emb, y, head, task, orth)
-                self._step(opt, loss, exp.index, step, "cross-entropy", None)
-                self.step_counts["ce"] += 1
-                self.images_trained += len(y)
-                step += 1
-                bar.update()
-            sched.step()
-        bar.close()
-        net.end_task()
-        self._add_prototypes(exp, task)
+        self._last_trainable = result.trainable
+        self.images_trained += result.images
+        self.step_counts = {
+            "kd": result.updates["distillation"],
+            "ce": result.updates["cross-entropy"],
+        }
+
+    def after_experience(self, exp: Experience) -> None:
+        self.net.end_task()
+        self._add_prototypes(exp, self.net.n_tasks - 1)
+        self._head = self._local = None
 
     def distill_loss(self, emb: Tensor, head: CosineHead) -> Tensor:
         """Step 1: student (current A_s) vs teacher (previous task's A_s), shared blocks
@@ -562,22 +555,6 @@ class CLLoRA(Strategy):
         if orth is not None:
             loss = loss + self.params["orth_weight"] * orth(self.net)
         return loss
-
-    def _step(
-        self,
-        opt: torch.optim.Optimizer,
-        loss: Tensor,
-        exp_index: int,
-        step: int,
-        what: str,
-        reassign: CLLoRAViT | None,
-    ) -> None:
-        self.check_finite(loss, exp_index, step, f"({what}); lower strategy_params.cl-lora.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if reassign is not None:
-            reassign.reassign_shared_gradients()
-        opt.step()
 
     @torch.no_grad()
     def _add_prototypes(self, exp: Experience, task: int) -> None:
@@ -625,10 +602,8 @@ class CLLoRA(Strategy):
         return {"buffer_bytes": 0, "model_copies_bytes": size, "exemplars": None, "mean_bpp": None}
 
     def _backbone_fingerprint(self) -> list[float]:
-        # the frozen ViT is not checkpointed (it comes back from make_backbone()); this
-        # cheap fingerprint catches a resume with different backbone weights
-        ps = [q for q in self.net.vit.parameters()]
-        return [float(ps[0].double().sum()), float(ps[-1].double().sum()), float(len(ps))]
+        # the frozen ViT is not checkpointed (it comes back from make_backbone())
+        return backbone_fingerprint(list(self.net.vit.parameters()))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -642,15 +617,7 @@ class CLLoRA(Strategy):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        fp = self._backbone_fingerprint()
-        if any(
-            not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
-            for a, b in zip(fp, state["backbone_fingerprint"], strict=True)
-        ):
-            raise ConfigError(
-                "cl-lora checkpoint was made with different backbone weights than "
-                "make_backbone() gives now (same backbone.checkpoint / seed needed)"
-            )
+        check_fingerprint(state["backbone_fingerprint"], self._backbone_fingerprint(), "cl-lora")
         self.net.load_adapter_state(state["adapters"])
         self.prototypes = state["prototypes"].to(self.device)
         self.task_classes = [list(c) for c in state["task_classes"]]

@@ -19,42 +19,97 @@ address (paper setting = default):
     table goes to the run record (``strategy_report``). Held-out images are
     ``selection_holdout`` of the first task's training images, excluded from training.
 ``learned_codec``  a mapping (``arch``, ``arch_kwargs``, ``lmbda``, ``first_steps``,
-    ``task_steps``, ``cam``, ...): instead of a fixed codec, a CompressAI architecture trained
-    after the first task on its training images and fine-tuned after each later task with
-    the decoder and entropy model frozen, so stored bitstreams keep decoding to the same
-    pixels (food paper; see ``clbench/codecs/continual.py``). ``cam: true`` weights the
-    distortion by the classifier's class-activation map. The codec's own parameters are
+    ``task_steps``, ``cam``, ...), the options of the ``continual`` codec: instead of a fixed
+    codec, a CompressAI architecture trained after the first task on its training images
+    and fine-tuned after each later task with the decoder and entropy model frozen, so
+    stored bitstreams keep decoding to the same pixels (food paper; see
+    ``clbench/codecs/continual.py``). The same codec can be named as a spec,
+    ``codec: "continual:arch=bmshj2018-factorized,N=64,M=96,lmbda=0.013"``: any codec with
+    a ``fit`` method (:class:`TaskTrainedCodec`) is trained this way. ``cam: true`` weights
+    the distortion by the classifier's class-activation map. The codec's own parameters are
     reported as ``codec_params_bytes``; ``count_codec_params: true`` charges them to
     ``budget_bytes``. During the first task the model sees raw images (no codec exists
     yet), as with ``candidates``.
+
+Storage is decided once, in :meth:`CompressedReplay.buffer_codec`; the selection after the
+first task (``candidates``) and a resumed checkpoint switch it through ``_use_codec``.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from clbench.codecs.continual import ContinualCodecStorage, grad_cam
-from clbench.errors import ConfigError
-from clbench.memory import CodecStorage, parse_bytes
+from clbench.codecs import CODECS, Codec, format_spec, get_codec, parse_spec
+from clbench.errors import ClbenchWarning, ConfigError
+from clbench.memory import LABEL_BYTES, exemplar_floor, parse_bytes
 from clbench.strategies.base import Experience, StrategyContext, register_strategy
 from clbench.strategies.replay import DER, ExperienceReplay, ICaRL, _Transformed
 
 DEFAULTS = Path(__file__).with_suffix(".yaml")
 PREPROCESS = ("none", "train", "train+test")
-LEARNED_KEYS = (
-    "arch", "arch_kwargs", "lmbda", "first_steps", "task_steps", "batch_size", "lr", "aux_lr",
-    "clip", "cam", "cam_floor", "seed",
-)  # fmt: skip
+LEARNED_CODEC = "continual"  # the codec family a `learned_codec` mapping configures
+
+
+@runtime_checkable
+class TaskTrainedCodec(Protocol):
+    """A codec the strategy trains after every task (``codecs/continual.py``'s)."""
+
+    version: int  # bumped by every fit: decoded views of the data are then stale
+    history: list[dict[str, Any]]
+    cam: bool  # wants class-activation maps as per-pixel distortion weights
+    arch: str
+    arch_kwargs: dict[str, Any]
+    lmbda: float
+
+    def fit(self, images: Tensor, weights: Tensor | None = None) -> dict[str, Any]: ...
+    def param_bytes(self) -> int: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def _hwc(x: Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).numpy()
+
+
+def grad_cam(model: nn.Module, x: Tensor, y: Tensor, logits) -> Tensor:
+    """Grad-CAM maps in [0, 1], shape (N, 1, H, W), of class ``y`` on the last spatial 4-D
+    activation of ``model``'s leaf modules.
+
+    For a global-average-pooled linear head (ResNets) this equals the original CAM, and it
+    works for any CNN backbone without knowing its layer names."""
+    acts: list[Tensor] = []
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        if isinstance(out, Tensor) and out.dim() == 4 and min(out.shape[-2:]) > 1:
+            acts.append(out)  # a spatial map (pooled N,C,1,1 outputs are skipped)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            score = logits(x).gather(1, y[:, None]).sum()
+            if not acts:
+                raise ConfigError(
+                    "codec cam: the backbone has no 4-D activation to take a CAM from"
+                )
+            a = acts[-1]
+            (g,) = torch.autograd.grad(score, a)
+    finally:
+        for h in handles:
+            h.remove()
+    cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)).detach()
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
+    return cam / peak
 
 
 class CodecView(Dataset):
@@ -66,8 +121,8 @@ class CodecView(Dataset):
     not once per epoch); larger sets round-trip each batch on the fly in ``__getitems__``.
     """
 
-    def __init__(self, raw: Dataset, storage: CodecStorage, transform, cache_bytes: int):
-        self.raw, self.storage, self.transform = raw, storage, transform
+    def __init__(self, raw: Dataset, codec: Codec, transform, cache_bytes: int):
+        self.raw, self.codec, self.transform = raw, codec, transform
         self.y = torch.as_tensor(list(raw.targets))
         c, h, w = raw[0][0].shape
         self.x: Tensor | None = None
@@ -76,7 +131,7 @@ class CodecView(Dataset):
 
     def _roundtrip(self, idx) -> Tensor:
         images = [_hwc(self.raw[int(i)][0]) for i in idx]
-        decoded = self.storage.decode(self.storage.encode(images))
+        decoded = self.codec.decode(self.codec.encode(images))
         return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
 
     def __len__(self) -> int:
@@ -93,49 +148,96 @@ class CodecView(Dataset):
 class CompressedReplay:
     """Mixin over a buffer strategy: codec storage, pre-processing and codec selection."""
 
+    # typed parameters (strategies/base.py): a byte size is a count or a string like "1GB"
+    param_types = {"preprocess_cache_bytes": "int | str"}
+
     def __init__(self, ctx: StrategyContext, **params: Any):
-        super().__init__(ctx, **params)
+        super().__init__(ctx, **params)  # builds the buffer through buffer_codec()
+        self.selection: dict[str, Any] = {}
+        self.holdout: np.ndarray | None = None
+        self.warnings: list[str] = []
+        self._views: dict[tuple, Dataset] = {}
+        self.budget0 = self.buffer.budget_bytes
+        codec = self.buffer.codec
+        self.learned: TaskTrainedCodec | None = (
+            codec if isinstance(codec, TaskTrainedCodec) else None
+        )
+
+    # -- storage: decided here, once --------------------------------------------------------
+    @property
+    def candidates(self) -> list[str]:
+        return list(self.params.get("candidates") or [])
+
+    def buffer_codec(self) -> Codec:
+        """The exemplar codec: a continually learned one (``learned_codec``), else the first
+        of ``candidates`` until the selection after task 0, else ``codec``."""
         if self.params["preprocess"] not in PREPROCESS:
             raise ConfigError(
                 f"strategy {self.name}: preprocess {self.params['preprocess']!r}; valid: "
                 f"{', '.join(PREPROCESS)}"
             )
-        self.candidates = list(self.params.get("candidates") or [])
         learned = self.params.get("learned_codec")
-        if not self.candidates and not self.params.get("codec") and not learned:
+        if learned and self.candidates:
+            raise ConfigError(
+                f"strategy {self.name}: learned_codec and candidates exclude each other; drop one"
+            )
+        if learned:
+            spec = self._learned_spec(learned)
+        elif self.candidates:
+            spec = self.candidates[0]
+        elif self.params.get("codec"):
+            spec = self.params["codec"]
+        else:
             raise ConfigError(
                 f"strategy {self.name}: set codec (e.g. 'jpeg:q=50'), candidates or learned_codec"
             )
-        self.selection: dict[str, Any] = {}
-        self.holdout: np.ndarray | None = None
-        self._views: dict[tuple, Dataset] = {}
-        self.budget0 = self.buffer.budget_bytes
-        self.learned: ContinualCodecStorage | None = None
-        if learned:
-            self.learned = self._make_learned(learned)
-            self.buffer.storage = self.learned
-        elif self.candidates:  # chosen after the first task; until then the first candidate
-            self.buffer.storage = CodecStorage(self.candidates[0])
+        return get_codec(self._seeded(spec))
 
-    def _make_learned(self, cfg: Any) -> ContinualCodecStorage:
+    def _learned_spec(self, cfg: Any) -> str:
+        """A ``learned_codec`` mapping as a ``continual:`` spec; its keys are the codec's
+        own options (plus ``arch_kwargs``, the architecture's, flattened into the spec)."""
         if not isinstance(cfg, dict):
             raise ConfigError(
                 f"strategy {self.name}: learned_codec must be a mapping, e.g. "
                 "{arch: bmshj2018-factorized, lmbda: 0.0067}"
             )
-        if self.candidates:
-            raise ConfigError(
-                f"strategy {self.name}: learned_codec and candidates exclude each other; drop one"
-            )
-        bad = sorted(set(cfg) - set(LEARNED_KEYS))
+        params = inspect.signature(CODECS.get(LEARNED_CODEC)).parameters.values()
+        valid = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] + ["arch_kwargs"]
+        bad = sorted(set(cfg) - set(valid))
         if bad:
             raise ConfigError(
                 f"strategy {self.name}: learned_codec key {bad[0]!r} is unknown; valid: "
-                f"{', '.join(LEARNED_KEYS)}"
+                f"{', '.join(valid)}"
             )
-        opts = {k: v for k, v in cfg.items() if k != "cam"}
-        opts.setdefault("seed", self.ctx.seed)
-        return ContinualCodecStorage(**opts)
+        opts = {k: v for k, v in cfg.items() if k != "arch_kwargs"}
+        return format_spec(LEARNED_CODEC, {**opts, **(cfg.get("arch_kwargs") or {})})
+
+    def _seeded(self, spec: str) -> str:
+        """A codec that takes a ``seed`` and was given none gets the run's seed."""
+        name, opts = parse_spec(spec)
+        try:
+            takes_seed = "seed" in inspect.signature(CODECS.get(name)).parameters
+        except (TypeError, ValueError):
+            takes_seed = False
+        if takes_seed and "seed" not in opts:
+            return format_spec(name, {**opts, "seed": self.ctx.seed})
+        return spec
+
+    def _use_codec(self, spec: str) -> None:
+        """Switch the (fixed) exemplar codec: after the selection, or on resume."""
+        self.buffer.codec = get_codec(spec)
+
+    def check_budget(self) -> None:
+        """Candidates: the cheapest must fit. A learned codec is random until it is fitted,
+        so its check waits for its first fit, on real images (:meth:`fit_learned_codec`)."""
+        if self.buffer.budget_bytes is None or isinstance(self.buffer.codec, TaskTrainedCodec):
+            return
+        size = self.ctx.image_size
+        specs = self.candidates or [self.buffer.codec.spec]
+        floor, spec = min((exemplar_floor(get_codec(s), size), s) for s in specs)
+        cheapest = " (the cheapest candidate)" if len(specs) > 1 else ""
+        what = f"a flat {size}x{size} image as {spec}{cheapest}"
+        self.buffer.check_budget(self.ctx.num_classes, floor, what)
 
     # -- what the model sees ------------------------------------------------------------------
     def _codec_ready(self) -> bool:
@@ -144,13 +246,14 @@ class CompressedReplay:
         return not self.candidates or bool(self.selection)
 
     def _view(self, dataset: Any, group: str) -> Dataset:
-        name = self.buffer.storage.name
-        key = (id(dataset), group, name)
+        codec = self.buffer.codec
+        version = (codec.spec, self.learned.version if self.learned is not None else 0)
+        key = (id(dataset), group, version)
         if key not in self._views:
-            self._views = {k: v for k, v in self._views.items() if k[2] == name}  # stale codec
+            self._views = {k: v for k, v in self._views.items() if k[2] == version}  # stale
             self._views[key] = CodecView(
                 dataset.with_transforms("raw"),
-                self.buffer.storage,
+                codec,
                 self.ctx.transforms[group],
                 cache_bytes=parse_bytes(self.params["preprocess_cache_bytes"]),
             )
@@ -175,13 +278,32 @@ class CompressedReplay:
             return self._view(dataset, "eval")
         return dataset.eval()
 
-    # -- selection after the first task ------------------------------------------------------
+    # -- after each task: selection, codec training, then the buffer ------------------------
     def after_experience(self, exp: Experience) -> None:
         if exp.index == 0 and self.candidates and not self.selection:
             self.select_codec(exp)
         if self.learned is not None:
             self.fit_learned_codec(exp)
         super().after_experience(exp)
+        self._warn_if_larger_than_raw()
+
+    def _warn_if_larger_than_raw(self) -> None:
+        """Compression that costs more than raw pixels (tiny images, high quality) shrinks the
+        buffer instead of growing it: say so once per codec, as a ClbenchWarning (the runner
+        prints it and keeps it in the record's ``warnings``) and in the strategy report."""
+        n, size = len(self.buffer), self.ctx.image_size
+        if not n or self.buffer.payload_bytes() / n <= size * size * 3:
+            return
+        spec = self.buffer.codec.spec
+        msg = (
+            f"strategy {self.name}: {spec} stores {size}x{size} exemplars in "
+            f"{8 * self.buffer.payload_bytes() / (n * size * size):.1f} bpp on average, more "
+            "than raw pixels (24 bpp), so the budget holds fewer exemplars than raw storage "
+            "would; use a lower quality or raw"
+        )
+        if not any(w.startswith(f"strategy {self.name}: {spec} ") for w in self.warnings):
+            self.warnings.append(msg)
+            warnings.warn(msg, ClbenchWarning, stacklevel=2)
 
     def fit_learned_codec(self, exp: Experience) -> None:
         """Train (task 0) or encoder-fine-tune (later tasks) the codec on this task's
@@ -189,7 +311,7 @@ class CompressedReplay:
         raw = exp.data("raw")
         x = torch.stack([raw[i][0] for i in range(len(raw))])
         weights = None
-        if self.params["learned_codec"].get("cam"):
+        if self.learned.cam:
             y = torch.as_tensor(list(raw.targets))
             weights = self._cam(x, y)
         self.learned.fit(x, weights)
@@ -202,6 +324,11 @@ class CompressedReplay:
                     "count_codec_params: false"
                 )
             self.buffer.budget_bytes = left
+        if exp.index == 0 and self.buffer.budget_bytes is not None:
+            sample = [_hwc(t) for t in x[:64]]
+            sizes = [self.buffer.codec.charged_bytes(b) for b in self.buffer.codec.encode(sample)]
+            what = f"the smallest of {len(sample)} first-task images as the trained codec"
+            self.buffer.check_budget(self.ctx.num_classes, min(sizes) + LABEL_BYTES, what)
 
     def _cam(self, x: Tensor, y: Tensor) -> Tensor:
         tf = self.ctx.transforms["eval"]
@@ -226,12 +353,12 @@ class CompressedReplay:
         budget = self.buffer.budget_bytes
         rows = []
         for spec in self.candidates:
-            storage = CodecStorage(spec)
-            payloads = storage.encode(images)
-            mean_bytes = float(np.mean([storage.nbytes(p) for p in payloads]))
-            xd = torch.from_numpy(np.stack(storage.decode(payloads))).permute(0, 3, 1, 2)
+            codec = get_codec(spec)
+            payloads = codec.encode(images)
+            mean_bytes = float(np.mean([codec.charged_bytes(p) for p in payloads]))
+            xd = torch.from_numpy(np.stack(codec.decode(payloads))).permute(0, 3, 1, 2)
             fd, _ = self.extract(self.model.features, _Transformed(xd, y0, tf))
-            capacity = int(budget // (mean_bytes + 8)) if budget else None
+            capacity = int(budget // (mean_bytes + LABEL_BYTES)) if budget else None
             rows.append(
                 {
                     "codec": spec,
@@ -249,7 +376,7 @@ class CompressedReplay:
         else:
             best = min(rows, key=lambda r: r["feature_mse_rel"])
             rule = f"no candidate within {tol}: lowest feature_mse_rel"
-        self.buffer.storage = CodecStorage(best["codec"])
+        self._use_codec(best["codec"])
         self.selection = {
             "chosen": best["codec"],
             "rule": rule,
@@ -262,12 +389,14 @@ class CompressedReplay:
         if self.learned is not None:
             out["learned_codec"] = {
                 "arch": self.learned.arch,
-                "arch_kwargs": dict(self.learned.codec.arch_kwargs),
+                "arch_kwargs": self.learned.arch_kwargs,
                 "lmbda": self.learned.lmbda,
                 "params_bytes": self.learned.param_bytes(),
                 "counted_in_budget": bool(self.params.get("count_codec_params")),
                 "training": self.learned.history,
             }
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
         return out
 
     def memory(self) -> dict[str, Any]:
@@ -278,8 +407,9 @@ class CompressedReplay:
 
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()
-        state["codec"] = self.buffer.storage.name
+        state["codec"] = self.buffer.codec.spec
         state["selection"] = self.selection
+        state["warnings"] = list(self.warnings)
         state["holdout"] = None if self.holdout is None else torch.from_numpy(self.holdout)
         if self.learned is not None:
             state["learned_codec"] = self.learned.state_dict()
@@ -291,9 +421,10 @@ class CompressedReplay:
             self.learned.load_state_dict(state["learned_codec"])
             self.buffer.budget_bytes = state["budget_bytes"]
         else:
-            self.buffer.storage = CodecStorage(state["codec"])
+            self._use_codec(state["codec"])
         super().load_extra_state(state)
         self.selection = state["selection"]
+        self.warnings = list(state["warnings"])
         self.holdout = None if state["holdout"] is None else state["holdout"].numpy()
 
 

@@ -37,13 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.errors import ConfigError
-from clbench.strategies.base import (
-    Experience,
-    IncrementalHead,
-    StrategyContext,
-    autocast,
-    register_strategy,
-)
+from clbench.strategies.base import Experience, StrategyContext, autocast, register_strategy
+from clbench.strategies.heads import IncrementalHead
 from clbench.strategies.ptm import PTMStrategy
 
 DEFAULTS_FILE = Path(__file__).with_name("prompts.yaml")
@@ -145,12 +140,11 @@ class PromptStrategy(PTMStrategy):
         """(pre-logits feature of the prompted ViT, auxiliary loss)."""
         raise NotImplementedError
 
-    def begin_task(self, exp: Experience) -> None:
-        """Prepare the prompts for task ``self.task`` before its training."""
-
-    def train_experience(self, exp: Experience) -> None:
+    def before_experience(self, exp: Experience) -> None:
+        """Advance ``self.task``; subclasses then prepare its prompts (after ``super()``)."""
         self.task += 1
-        self.begin_task(exp)
+
+    def learn(self, exp: Experience) -> None:
         n_seen = max(self.n_seen, max(exp.classes) + 1)
         known = min(exp.classes)
 
@@ -254,7 +248,8 @@ class DualPrompt(PromptStrategy):
         return slice(start, end) if end <= self.pool else None
 
     @torch.no_grad()
-    def begin_task(self, exp: Experience) -> None:
+    def before_experience(self, exp: Experience) -> None:
+        super().before_experience(exp)
         cur = self._task_slice()
         if self.task > 0 and cur is not None and self.params["shared_prompt_pool"]:
             # the new task's E-prompt starts from the previous task's (official transfer)
@@ -329,7 +324,8 @@ class CODAPrompt(PromptStrategy):
         return self.task * self.per_task, (self.task + 1) * self.per_task
 
     @torch.no_grad()
-    def begin_task(self, exp: Experience) -> None:
+    def before_experience(self, exp: Experience) -> None:
+        super().before_experience(exp)
         s, f = self._span()
         for par in self.prompts.values():
             flat = par.view(self.pool, -1)

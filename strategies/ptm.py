@@ -7,13 +7,13 @@
   (ReLU) and a ridge-regression head accumulated over tasks.
 * ``aper``: APER/ADAM with AdaptFormer adapters tuned on the first task, then a prototype
   classifier on the concatenated [pre-trained, adapted] features.
-* ``inflora``: InfLoRA (per-task k/v LoRA whose frozen down-projection is designed from the
-  task's input covariance outside the DualGPM subspace of earlier tasks).
+
+InfLoRA is in ``inflora.py``, the prompt methods in ``prompts.py``; both build on
+:class:`PTMStrategy`.
 
 Facts (not code) from LAMDA-CL/LAMDA-PILOT (``models/simplecil.py``, ``aper_adapter.py``,
-``ranpac.py``, ``backbone/vit_adapter.py``,
-``exps/*.json``) and liangyanshuo/InfLoRA (``methods/inflora.py``, ``models/vit_inflora.py``,
-``utils/schedulers.py``, ``configs/*.json``); published defaults are in ``ptm.yaml``.
+``ranpac.py``, ``backbone/vit_adapter.py``, ``exps/*.json``); published defaults are in
+``ptm.yaml``.
 """
 
 from __future__ import annotations
@@ -28,19 +28,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.errors import ConfigError
+from clbench.optim import Optim, Schedule, check_optim
 from clbench.strategies.base import (
+    TRAIN_KEY_TYPES,
     Experience,
-    IncrementalHead,
     Strategy,
     StrategyContext,
     autocast,
+    backbone_fingerprint,
+    check_fingerprint,
     extend_class_means,
+    fill_train_keys,
     register_strategy,
 )
-from clbench.strategies.cl_lora import CosineHead
+from clbench.strategies.heads import CosineHead, IncrementalHead, local_labels
 
 DEFAULTS_FILE = Path(__file__).with_name("ptm.yaml")
-TRAIN_KEYS = ("epochs", "lr", "batch_size", "weight_decay")
 
 
 # -- shared pieces -------------------------------------------------------------------------
@@ -116,35 +119,32 @@ def set_adapters(vit: nn.Module, enabled: bool) -> None:
             blk.enabled = enabled
 
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda ps, lr, wd, mom: torch.optim.SGD(ps, lr=lr, momentum=mom, weight_decay=wd),
-    "adam": lambda ps, lr, wd, mom: torch.optim.Adam(ps, lr=lr, weight_decay=wd),
-}
-SCHEDULERS: dict[str, Callable[..., Any]] = {
-    # PILOT steps its schedulers once per epoch
-    "cosine": lambda opt, epochs, min_lr: torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, max(1, epochs), min_lr
-    ),
-    "constant": lambda opt, epochs, min_lr: None,
-    # InfLoRA's utils/schedulers.CosineSchedule: base * cos(99 pi e / (200 (K - 1))), per epoch
-    "inflora-cosine": lambda opt, epochs, min_lr: torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda e: math.cos(99 * math.pi * e / (200 * max(1, epochs - 1)))
-    ),
-}
-
-
 class PTMStrategy(Strategy):
-    """A frozen pre-trained timm ViT plus the training loop the PTM baselines share."""
+    """A frozen pre-trained timm ViT plus how the PTM baselines train: their own optimizer,
+    schedule (stepped per epoch, as PILOT does) and batch size, through the engine."""
+
+    param_types = TRAIN_KEY_TYPES
 
     def __init__(self, ctx: StrategyContext, **params: Any):
         super().__init__(ctx, **params)
-        for key in TRAIN_KEYS:  # null -> the benchmark's train section
-            if key in self.params and self.params[key] is None:
-                self.params[key] = getattr(self.train_cfg, key)
+        fill_train_keys(self.params, self.train_cfg)
+        if "lr" in self.params:  # the strategies that train
+            key = f"strategy_params.{self.name}"
+            check_optim(self.optim(), self.schedule(), f"{key}.optimizer", f"{key}.scheduler")
         self.backbone = ctx.make_backbone().to(self.device)
         self.backbone.requires_grad_(False)
+        # the pre-trained tensors, before adapters wrap any block: the fingerprint's source
+        self._pretrained = list(self.backbone.parameters())
         self.dim = int(self.backbone.num_features)
         self._last_trainable = 0
+
+    def optim(self) -> Optim:
+        p = self.params
+        return Optim(p.get("optimizer", "sgd"), p["lr"], p.get("momentum", 0.9), p["weight_decay"])
+
+    def schedule(self) -> Schedule:
+        p = self.params
+        return Schedule(p.get("scheduler", "cosine"), every="epoch", min_lr=p.get("min_lr", 0.0))
 
     def train_loop(
         self,
@@ -154,36 +154,22 @@ class PTMStrategy(Strategy):
         exp_index: int,
         modules: Iterable[nn.Module] = (),
     ) -> None:
-        """Minimise ``loss_fn(x, y)``: the strategy's optimiser, per-epoch schedule, AMP."""
+        """Minimise ``loss_fn(x, y)`` with the strategy's optimiser and per-epoch schedule."""
         p = self.params
-        params = [q for q in params if q.requires_grad]
-        self._last_trainable = sum(q.numel() for q in params)
-        if p.get("optimizer", "sgd") not in OPTIMIZERS:
-            raise ConfigError(f"{self.name} optimizer {p['optimizer']!r}: valid: sgd, adam")
-        opt = OPTIMIZERS[p.get("optimizer", "sgd")](
-            params, p["lr"], p["weight_decay"], p.get("momentum", 0.9)
-        )
-        epochs = int(p["epochs"])
-        sched = SCHEDULERS[p.get("scheduler", "cosine")](opt, epochs, p.get("min_lr", 0.0))
         loader = self.loader(data, shuffle=True, batch_size=int(p["batch_size"]))
-        for m in modules:
-            m.train()
-        step = 0
-        for _ in range(epochs):
-            for batch in loader:
-                x, y = batch[0].to(self.device), torch.as_tensor(batch[1]).to(self.device)
-                with autocast(self.device, self.amp):
-                    loss = loss_fn(x, y)
-                self.check_finite(loss, exp_index, step, f"; lower strategy_params.{self.name}.lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                self.images_trained += len(y)
-                step += 1
-            if sched is not None:
-                sched.step()
-        for m in modules:
-            m.eval()
+        result = self.engine.fit(
+            loader,
+            params,
+            optim=self.optim(),
+            schedule=self.schedule(),
+            epochs=int(p["epochs"]),
+            loss=loss_fn,
+            modules=modules,
+            exp_index=exp_index,
+            hint=f"lower strategy_params.{self.name}.lr",
+        )
+        self._last_trainable = result.trainable
+        self.images_trained += result.images
 
     @torch.no_grad()
     def features(self, data: Any, fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
@@ -195,27 +181,10 @@ class PTMStrategy(Strategy):
         return self._last_trainable
 
     def _fingerprint(self) -> list[float]:
-        # the frozen PTM is not checkpointed (make_backbone() rebuilds it); detect a resume
-        # on different weights
-        ps = [q for n, q in self.backbone.named_parameters() if "lora_" not in n]
-        return [float(ps[0].double().sum()), float(ps[-1].double().sum())]
+        return backbone_fingerprint(self._pretrained)
 
     def _check_fingerprint(self, state: dict[str, Any]) -> None:
-        fp = state.get("backbone_fingerprint")
-        if fp is not None and any(
-            not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
-            for a, b in zip(self._fingerprint(), fp, strict=True)
-        ):
-            raise ConfigError(
-                f"{self.name} checkpoint was made with different backbone weights than "
-                "make_backbone() gives now"
-            )
-
-
-def _local_labels(classes: list[int], num_classes: int, device: torch.device) -> Tensor:
-    lut = torch.full((num_classes,), -1, dtype=torch.long, device=device)
-    lut[torch.as_tensor(classes, device=device)] = torch.arange(len(classes), device=device)
-    return lut
+        check_fingerprint(state.get("backbone_fingerprint"), self._fingerprint(), self.name)
 
 
 # -- SimpleCIL -------------------------------------------------------------------------------
@@ -223,7 +192,7 @@ def _local_labels(classes: list[int], num_classes: int, device: torch.device) ->
 
 class PrototypeClassifier(PTMStrategy):
     """Cosine classifier over class means of ``embed`` features (training images, eval
-    transforms), computed after ``prepare`` has adapted the model for the task."""
+    transforms), computed after ``before_experience`` has adapted the model for the task."""
 
     def __init__(self, ctx: StrategyContext, **params: Any):
         super().__init__(ctx, **params)
@@ -232,11 +201,7 @@ class PrototypeClassifier(PTMStrategy):
     def embed(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def prepare(self, exp: Experience) -> None:
-        """Adapt the model before the task's prototypes are taken (nothing by default)."""
-
-    def train_experience(self, exp: Experience) -> None:
-        self.prepare(exp)
+    def learn(self, exp: Experience) -> None:
         feats, labels = self.features(exp.data("eval"), self.embed)
         self.protos.add(feats, labels, exp.classes)
         self.n_seen = self.protos.means.shape[0]
@@ -279,6 +244,8 @@ class SeqLoRA(PTMStrategy):
     """LoRA (peft) on every block's fused qkv projection plus a linear head over the seen
     classes, trained on each task in turn with no protection against forgetting."""
 
+    param_types = {"alpha": "float"}  # lora_alpha: 10 in the YAML, any number is valid
+
     def __init__(self, ctx: StrategyContext, **params: Any):
         super().__init__(ctx, **params)
         from peft import LoraConfig, inject_adapter_in_model
@@ -298,7 +265,7 @@ class SeqLoRA(PTMStrategy):
     def _lora_params(self) -> list[nn.Parameter]:
         return [q for n, q in self.backbone.named_parameters() if "lora_" in n]
 
-    def train_experience(self, exp: Experience) -> None:
+    def learn(self, exp: Experience) -> None:
         n_seen = max(self.n_seen, max(exp.classes) + 1)
 
         def loss_fn(x: Tensor, y: Tensor) -> Tensor:
@@ -352,7 +319,7 @@ class FirstSessionAdapted(PTMStrategy):
         if self.tuned or int(self.params["epochs"]) == 0:
             self.tuned = True
             return
-        lut = _local_labels(list(exp.classes), self.ctx.num_classes, self.device)
+        lut = local_labels(exp.classes, self.ctx.num_classes, self.device)
         head = CosineHead(self.dim, len(exp.classes)).to(self.device)
 
         def loss_fn(x: Tensor, y: Tensor) -> Tensor:
@@ -385,7 +352,7 @@ class APER(FirstSessionAdapted, PrototypeClassifier):
             set_adapters(self.backbone, True)
         return torch.cat((f_ptm, self.backbone(x)), dim=1)
 
-    def prepare(self, exp: Experience) -> None:
+    def before_experience(self, exp: Experience) -> None:
         self.tune_first_session(exp)
 
     def state_dict(self) -> dict[str, Any]:
@@ -442,8 +409,10 @@ class RanPAC(FirstSessionAdapted):
     def project(self, f: Tensor) -> Tensor:
         return F.relu(f.float() @ self.w_rand)
 
-    def train_experience(self, exp: Experience) -> None:
+    def before_experience(self, exp: Experience) -> None:
         self.tune_first_session(exp)
+
+    def learn(self, exp: Experience) -> None:
         feats, labels = self.features(exp.data("eval"), self.backbone)
         h = self.project(feats)
         y = F.one_hot(labels.long(), self.ctx.num_classes).float()
@@ -490,229 +459,4 @@ class RanPAC(FirstSessionAdapted):
         for k in ("w_rand", "G", "Q", "W"):
             setattr(self, k, state[k].to(self.device))
         self.ridge = float(state["ridge"])
-        self.n_seen = int(state["n_seen"])
-
-
-# -- InfLoRA -----------------------------------------------------------------------------------
-
-
-class InfLoRAQKV(nn.Module):
-    """timm's fused qkv Linear plus the sum over tasks of the k and v LoRA updates
-    ``B_t A_t x`` (official ``Attention_LoRA``: q untouched). ``A_t`` (down, r x d) is designed,
-    never trained; ``B_t`` (up, d x r) starts at zero and is trained on task t only.
-    ``record`` accumulates the input's uncentred covariance (sum of x^T x over tokens)."""
-
-    def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.base = base
-        self.downs: list[Tensor] = []  # per task [2, r, C] (k, v), frozen
-        self.ups = nn.ParameterList()  # per task [2, D, r]
-        self.record = False
-        self.cov = torch.zeros(base.in_features, base.in_features, dtype=torch.float64)
-        self.count = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.record:
-            flat = x.detach().reshape(-1, x.shape[-1]).double()
-            self.cov = self.cov.to(flat.device) + flat.T @ flat
-            self.count += flat.shape[0]
-        out = self.base(x)
-        if not self.ups:
-            return out
-        down = torch.cat(self.downs, dim=1).to(x.dtype)  # [2, T*r, C]
-        up = torch.cat(list(self.ups), dim=2).to(x.dtype)  # [2, D, T*r]
-        z = torch.einsum("...c,prc->p...r", x, down)
-        d = torch.einsum("p...r,pdr->p...d", z, up)
-        q, k, v = out.chunk(3, dim=-1)
-        return torch.cat((q, k + d[0].to(k.dtype), v + d[1].to(v.dtype)), dim=-1)
-
-    def take_covariance(self) -> Tensor:
-        """The mean x^T x since the last call (official ``cur_matrix``), then reset."""
-        cov = self.cov / max(1, self.count)
-        self.cov, self.count = torch.zeros_like(self.cov), 0
-        return cov
-
-
-def _energy_rank_first(s: Tensor, threshold: float) -> int:
-    ratio = (s**2) / (s**2).sum()
-    return int((torch.cumsum(ratio, 0) < threshold).sum())
-
-
-@register_strategy("inflora", DEFAULTS_FILE)
-class InfLoRA(PTMStrategy):
-    """InfLoRA (Liang & Li, CVPR 2024), as the official code does it:
-
-    * before task t, the input covariance of every block's attention is collected on the
-      task's data; projected out of (``remove``) or into (``retain``) the DualGPM subspace of
-      earlier tasks; its top-r left singular vectors / sqrt(3) become A_t for k and v;
-    * only B_t (zero-init) and the task's own linear classifier train (CE over the task's
-      classes), Adam, the official per-epoch cosine;
-    * after the task, the covariance under the trained model updates DualGPM with the
-      energy threshold ``lamb + (lame - lamb) t / T``;
-    * inference: the backbone with every task's LoRA, all task classifiers concatenated.
-    """
-
-    def __init__(self, ctx: StrategyContext, **params: Any):
-        super().__init__(ctx, **params)
-        blocks = getattr(self.backbone, "blocks", None)
-        if blocks is None:
-            raise ConfigError("inflora needs a timm VisionTransformer backbone")
-        self.qkvs: list[InfLoRAQKV] = []
-        for blk in blocks:
-            blk.attn.qkv = InfLoRAQKV(blk.attn.qkv)
-            self.qkvs.append(blk.attn.qkv)
-        self.heads = nn.ModuleList()
-        self.task_classes: list[list[int]] = []
-        self.bases: list[Tensor | None] = [None] * len(self.qkvs)  # DualGPM, [C, k] each
-        self.kinds: list[str] = ["remove"] * len(self.qkvs)
-        self.protected: list[list[int]] = []  # per task: DualGPM dims protected, per block
-
-    # -- DualGPM (official update_DualGPM) ----------------------------------------------------
-    def _collect(self, data: Any) -> list[Tensor]:
-        for m in self.qkvs:
-            m.record = True
-        try:
-            self.features(data, self.backbone)
-        finally:
-            for m in self.qkvs:
-                m.record = False
-        return [m.take_covariance() for m in self.qkvs]
-
-    def _design_down(self, covs: list[Tensor]) -> None:
-        rank = int(self.params["rank"])
-        for i, (m, cov) in enumerate(zip(self.qkvs, covs, strict=True)):
-            base = self.bases[i]
-            if base is not None:
-                proj = base @ (base.T @ cov)
-                cov = cov - proj if self.kinds[i] == "remove" else proj
-            u = torch.linalg.svd(cov, full_matrices=False)[0][:, :rank]
-            down = (u.T / math.sqrt(3)).float().to(self.device)
-            m.downs.append(torch.stack((down, down)))
-            m.ups.append(
-                nn.Parameter(torch.zeros(2, m.base.out_features // 3, rank, device=self.device))
-            )
-
-    def _update_dual_gpm(self, covs: list[Tensor], task: int) -> None:
-        p = self.params
-        total = len(self.ctx.experience_classes)
-        threshold = (p["lame"] - p["lamb"]) * task / total + p["lamb"]
-        for i, act in enumerate(covs):
-            act = act.cpu()
-            base = self.bases[i]
-            if base is None:  # after the first task
-                u, s, _ = torch.linalg.svd(act, full_matrices=False)
-                r = _energy_rank_first(s, threshold)
-                self.bases[i] = u[:, : max(r, 1)]
-                self.kinds[i] = "remove" if r < act.shape[0] / 2 else "retain"
-                continue
-            s_total = (torch.linalg.svdvals(act) ** 2).sum()
-            proj = base @ (base.T @ act)
-            if self.kinds[i] == "remove":
-                u, s, _ = torch.linalg.svd(act - proj, full_matrices=False)
-                ratio = (s**2) / s_total
-                acc = float((s_total - (s**2).sum()) / s_total)
-                r = 0
-                while r < len(ratio) and acc < threshold:
-                    acc += float(ratio[r])
-                    r += 1
-                if r:
-                    ui = torch.cat((base, u[:, :r]), dim=1)
-                    self.bases[i] = ui[:, : ui.shape[0]]
-            else:
-                u, s, _ = torch.linalg.svd(proj, full_matrices=False)
-                ratio = (s**2) / s_total
-                acc = float((s**2).sum() / s_total)
-                r = 0
-                while r < len(ratio) and acc >= 1 - threshold:
-                    acc -= float(ratio[r])
-                    r += 1
-                if r:
-                    feat = base - u[:, :r] @ (u[:, :r].T @ base)
-                    ui = torch.linalg.svd(feat)[0]
-                    self.bases[i] = ui[:, : base.shape[1] - r]
-        for i, base in enumerate(self.bases):
-            # a 'remove' basis over half the space flips to the complement, 'retain'
-            if self.kinds[i] == "remove" and base.shape[1] > base.shape[0] / 2:
-                self.bases[i] = torch.linalg.svd(base)[0][:, base.shape[1] :]
-                self.kinds[i] = "retain"
-
-    def _protected_dims(self) -> list[int]:
-        """Input dimensions DualGPM protects in each block (a 'retain' basis stores the
-        complement): how much room later tasks' A_t have left."""
-        return [
-            0 if b is None else (b.shape[1] if k == "remove" else b.shape[0] - b.shape[1])
-            for b, k in zip(self.bases, self.kinds, strict=True)
-        ]
-
-    def report(self) -> dict[str, Any]:
-        return {"dual_gpm_protected_dims": self.protected, "input_dim": self.dim}
-
-    # -- training and inference ---------------------------------------------------------------
-    def train_experience(self, exp: Experience) -> None:
-        task = len(self.task_classes)
-        classes = sorted(int(c) for c in exp.classes)
-        self.backbone.eval()  # official: the network stays in eval mode while training
-        self._design_down(self._collect(exp.data("train")))
-        head = nn.Linear(self.dim, len(classes)).to(self.device)
-        self.heads.append(head)
-        lut = _local_labels(classes, self.ctx.num_classes, self.device)
-
-        def loss_fn(x: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(head(self.backbone(x)).float(), lut[y])
-
-        ups = [m.ups[task] for m in self.qkvs]
-        self.train_loop([*ups, *head.parameters()], exp.data("train"), loss_fn, exp.index)
-        for q in (*ups, *head.parameters()):
-            q.requires_grad_(False)
-        self._update_dual_gpm(self._collect(exp.data("train")), task)
-        self.protected.append(self._protected_dims())
-        self.task_classes.append(classes)
-        self.n_seen = max(self.n_seen, classes[-1] + 1)
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        self.backbone.eval()
-        with autocast(self.device, self.amp):
-            f = self.backbone(x.to(self.device))
-        logits = torch.empty(x.shape[0], self.n_seen, device=self.device)
-        for head, classes in zip(self.heads, self.task_classes, strict=True):
-            logits[:, torch.as_tensor(classes, device=self.device)] = head(f.float())
-        return logits
-
-    def memory(self) -> dict[str, Any]:
-        tensors = [t for m in self.qkvs for t in (*m.downs, *m.ups)]
-        tensors += [b for b in self.bases if b is not None]
-        size = sum(t.numel() * t.element_size() for t in tensors)
-        return {**super().memory(), "model_copies_bytes": size}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "downs": [[d.cpu() for d in m.downs] for m in self.qkvs],
-            "ups": [[u.detach().cpu() for u in m.ups] for m in self.qkvs],
-            "heads": [{k: v.cpu() for k, v in h.state_dict().items()} for h in self.heads],
-            "task_classes": [list(c) for c in self.task_classes],
-            "bases": [None if b is None else b.cpu() for b in self.bases],
-            "kinds": list(self.kinds),
-            "protected": [list(p) for p in self.protected],
-            "n_seen": self.n_seen,
-            "backbone_fingerprint": self._fingerprint(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_fingerprint(state)
-        for m, downs, ups in zip(self.qkvs, state["downs"], state["ups"], strict=True):
-            m.downs = [d.to(self.device) for d in downs]
-            m.ups = nn.ParameterList(
-                nn.Parameter(u.to(self.device), requires_grad=False) for u in ups
-            )
-        self.heads = nn.ModuleList()
-        for h in state["heads"]:
-            head = nn.Linear(self.dim, h["weight"].shape[0]).to(self.device)
-            head.load_state_dict(h)
-            head.requires_grad_(False)
-            self.heads.append(head)
-        self.task_classes = [list(c) for c in state["task_classes"]]
-        self.bases = list(state["bases"])
-        self.kinds = list(state["kinds"])
-        self.protected = [list(p) for p in state.get("protected", [])]
         self.n_seen = int(state["n_seen"])

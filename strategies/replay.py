@@ -15,7 +15,7 @@ bitstream) and/or ``mem_size`` (a count); see clbench/memory.py.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from clbench.memory import ExemplarBuffer, make_storage
+from clbench.codecs import Codec, get_codec
+from clbench.memory import ExemplarBuffer, exemplar_floor
 from clbench.strategies.base import Experience, StrategyContext, module_bytes, register_strategy
-from clbench.strategies.baselines import ModelStrategy
+from clbench.strategies.baselines import ModelStrategy, PreviousModel
 
 DEFAULTS = Path(__file__).with_suffix(".yaml")
 
@@ -79,13 +80,39 @@ def herding_order(features: Tensor) -> np.ndarray:
 class BufferStrategy(ModelStrategy):
     """A model strategy with a class-balanced exemplar buffer updated after each experience."""
 
+    param_types = {
+        "mem_size": "int | None",
+        "budget_bytes": "int | str | None",  # a count of bytes, or "6MB"
+        "codec": "str | None",
+    }
+
     def __init__(self, ctx: StrategyContext, **params: Any):
         super().__init__(ctx, **params)
         self.buffer = ExemplarBuffer(
+            self.buffer_codec(),
             budget_bytes=self.params.get("budget_bytes"),
             max_exemplars=self.params.get("mem_size"),
-            storage=make_storage(self.params.get("codec")),
+            extra_per_exemplar=self.exemplar_extra_bytes(),
+            who=f"strategy {self.name}",
         )
+        self.check_budget()
+
+    def exemplar_extra_bytes(self) -> int:
+        """Bytes this strategy stores beside each exemplar (counted in the budget's fit)."""
+        return 0
+
+    def buffer_codec(self) -> Codec:
+        """The codec exemplars are stored with: ``codec`` (null = ``raw`` pixels)."""
+        return get_codec(self.params.get("codec") or "raw")
+
+    def check_budget(self) -> None:
+        """Before any training: refuse a byte budget that cannot hold one exemplar per class."""
+        if self.buffer.budget_bytes is None:
+            return
+        codec = self.buffer.codec
+        floor = exemplar_floor(codec, self.ctx.image_size)
+        what = f"a flat {self.ctx.image_size}x{self.ctx.image_size} image as {codec.spec}"
+        self.buffer.check_budget(self.ctx.num_classes, floor, what)
 
     def rank(self, payloads: list[Any]) -> np.ndarray:
         """Order in which a class's items enter the buffer: random, or herding on the
@@ -105,7 +132,7 @@ class BufferStrategy(ModelStrategy):
         for c in exp.classes:
             idx = np.flatnonzero(targets == c)
             images = [raw[int(i)][0].permute(1, 2, 0).numpy() for i in idx]
-            payloads = self.buffer.storage.encode(images)  # real bitstreams, ranked below
+            payloads = self.buffer.codec.encode(images)  # real bitstreams, ranked below
             order = self.rank(payloads)
             if cap:
                 order = order[: cap // len(exp.seen_classes)]
@@ -128,7 +155,7 @@ class BufferStrategy(ModelStrategy):
             "buffer_bytes": self.buffer.nbytes(),
             "exemplars": n,
             "mean_bpp": 8 * self.buffer.payload_bytes() / pixels if pixels else None,
-            "codec": self.buffer.storage.name,
+            "codec": self.buffer.codec.spec,
         }
 
     def extra_state(self) -> dict[str, Any]:
@@ -140,47 +167,44 @@ class BufferStrategy(ModelStrategy):
 
 @register_strategy("er", DEFAULTS)
 class ExperienceReplay(BufferStrategy):
-    def train_experience(self, exp: Experience) -> None:
-        self.n_seen = len(exp.seen_classes)
-        self.model.train()
-        loader = ReplayLoader(self.loader(self.new_data(exp)), self.memory_loader())
-        self.fit(loader, self.loss, list(self.model.parameters()), exp.index)
-        self.model.eval()
-        self.after_experience(exp)
+    def train_loader(self, exp: Experience) -> Iterable:
+        return ReplayLoader(self.loader(self.new_data(exp)), self.memory_loader())
 
 
 @register_strategy("der", DEFAULTS)
 class DER(BufferStrategy):
     """DER++: the buffer also keeps the logits the model gave each exemplar when stored."""
 
-    def train_experience(self, exp: Experience) -> None:
-        self.n_seen = len(exp.seen_classes)
-        self.model.train()
-        data = self.loader(self.new_data(exp))
-        mem = None
+    def __init__(self, ctx: StrategyContext, **params: Any):
+        super().__init__(ctx, **params)
+        self._mem_iter: Iterator | None = None
+
+    def exemplar_extra_bytes(self) -> int:
+        # float32 logits over every scenario class (the head's full width), stored per exemplar
+        return 4 * self.ctx.num_classes
+
+    def train_loader(self, exp: Experience) -> Iterable:
+        data = self.loader(self.new_data(exp))  # drawn before the memory's loader (RNG order)
+        self._mem_iter = None
         if len(self.buffer):
             logits = self.buffer.extras_tensor()
             ds = _WithLogits(self.buffer.dataset(self.ctx.transforms.get("train")), logits)
-            mem = self.loader(ds)
-        mem_iter = _cycle(mem) if mem is not None else None
-        a, b = self.params["alpha"], self.params["beta"]
+            self._mem_iter = _cycle(self.loader(ds))
+        return data
 
-        def loss(x: Tensor, y: Tensor) -> Tensor:
-            out = F.cross_entropy(self.model(x, self.n_seen), y)
-            if mem_iter is not None:
-                xm, ym, zm = next(mem_iter)
-                xm, ym, zm = xm.to(self.device), ym.to(self.device), zm.to(self.device)
-                full = self.model.head.fc(self.model.features(xm))
-                out = (
-                    out
-                    + a * F.mse_loss(full.float(), zm)
-                    + b * F.cross_entropy(full[:, : self.n_seen], ym)
-                )
-            return out
-
-        self.fit(data, loss, list(self.model.parameters()), exp.index)
-        self.model.eval()
-        self.after_experience(exp)
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        out = F.cross_entropy(self.model(x, self.n_seen), y)
+        if self._mem_iter is not None:
+            a, b = self.params["alpha"], self.params["beta"]
+            xm, ym, zm = next(self._mem_iter)
+            xm, ym, zm = xm.to(self.device), ym.to(self.device), zm.to(self.device)
+            full = self.model.head.fc(self.model.features(xm))
+            out = (
+                out
+                + a * F.mse_loss(full.float(), zm)
+                + b * F.cross_entropy(full[:, : self.n_seen], ym)
+            )
+        return out
 
     def update_buffer(self, exp: Experience) -> None:
         super().update_buffer(exp)
@@ -194,7 +218,7 @@ class DER(BufferStrategy):
                 lambda t: self.model.head.fc(self.model.features(t)),
                 torch.utils.data.TensorDataset(xs, y[new]),
             )
-        z = z.cpu()
+        z = z.cpu().float()  # the 4 B per logit exemplar_extra_bytes charges
         pos = 0
         for c in exp.classes:
             k = len(self.buffer.payloads.get(c, []))
@@ -227,13 +251,17 @@ class GDumb(BufferStrategy):
         super().__init__(ctx, **params)
         self.init_state = copy.deepcopy(self.model.state_dict())
 
-    def train_experience(self, exp: Experience) -> None:
+    def before_experience(self, exp: Experience) -> None:
         self.n_seen = len(exp.seen_classes)
-        self.update_buffer(exp)
+        self.update_buffer(exp)  # with the previous experience's model (herding features)
         self.model.load_state_dict(self.init_state)
         self.model.train()
-        self.fit(self.memory_loader(), self.loss, list(self.model.parameters()), exp.index)
-        self.model.eval()
+
+    def train_loader(self, exp: Experience) -> Iterable:
+        return self.memory_loader()
+
+    def after_experience(self, exp: Experience) -> None:
+        return None  # the buffer was updated before training
 
     def memory(self) -> dict[str, Any]:
         # the initial weights are a model copy GDumb must keep to re-initialise
@@ -253,18 +281,14 @@ class ICaRL(BufferStrategy):
 
     def __init__(self, ctx: StrategyContext, **params: Any):
         super().__init__(ctx, **params)
-        self.prev = None
-        self.prev_n_seen = 0
+        self.teacher = PreviousModel()
         self.class_means: Tensor | None = None
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         logits = self.model(x, self.n_seen)
         target = F.one_hot(y, self.n_seen).float()
-        if self.prev is not None:
-            with torch.no_grad():
-                target[:, : self.prev_n_seen] = torch.sigmoid(
-                    self.prev(x, self.prev_n_seen)
-                ).float()
+        if self.teacher:
+            target[:, : self.teacher.n_seen] = torch.sigmoid(self.teacher(x)).float()
         return F.binary_cross_entropy_with_logits(logits.float(), target)
 
     def training_data(self, exp: Experience) -> Dataset:
@@ -276,8 +300,7 @@ class ICaRL(BufferStrategy):
 
     def after_experience(self, exp: Experience) -> None:
         self.update_buffer(exp)
-        self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.prev_n_seen = self.n_seen
+        self.teacher.snapshot(self.model, self.n_seen)
         self.compute_means()
 
     def compute_means(self) -> None:
@@ -304,23 +327,19 @@ class ICaRL(BufferStrategy):
 
     def memory(self) -> dict[str, Any]:
         means = 0 if self.class_means is None else self.class_means.numel() * 4
-        return {**super().memory(), "model_copies_bytes": module_bytes(self.prev) + means}
+        return {**super().memory(), "model_copies_bytes": self.teacher.nbytes() + means}
 
     def extra_state(self) -> dict[str, Any]:
         return {
             **super().extra_state(),
-            "prev": None if self.prev is None else self.prev.state_dict(),
-            "prev_n_seen": self.prev_n_seen,
+            **self.teacher.state_dict(),
             "class_means": self.class_means,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
-        self.prev_n_seen = state["prev_n_seen"]
         self.class_means = state["class_means"]
-        if state["prev"] is not None:
-            self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
-            self.prev.load_state_dict(state["prev"])
+        self.teacher.load_state_dict(state, self.model)
 
 
 class _Transformed(Dataset):

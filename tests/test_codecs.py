@@ -171,6 +171,10 @@ def test_raw_layout_and_truncation():
     x = batch(1, 5, 7)
     (data,) = get_codec("raw").encode(x)
     assert len(data) == 7 + 5 * 7 * 3  # 7-byte header, then the pixels
+    # a replay buffer charges the pixels only (exemplars share one shape); others all bytes
+    assert get_codec("raw").charged_bytes(data) == 5 * 7 * 3
+    (png,) = get_codec("png").encode(x)
+    assert get_codec("png").charged_bytes(png) == len(png)
     with pytest.raises(CorruptDataError, match="truncated"):
         get_codec("raw").decode([data, data[:-1]])
     with pytest.raises(CorruptDataError, match="bad magic"):
@@ -205,6 +209,7 @@ def test_builtin_names():
         "cheng2020-anchor",
         "cheng2020-attn",
         "elic2022-official",
+        "continual",
     ]:
         assert n in names
 

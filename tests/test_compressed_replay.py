@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from clbench.codecs import format_spec, get_codec
 from clbench.config import load_config
-from clbench.errors import ConfigError
-from clbench.memory import CodecStorage, ExemplarBuffer, RawStorage
+from clbench.errors import ClbenchError, ClbenchWarning, ConfigError
+from clbench.memory import ExemplarBuffer
 from clbench.runner import build_strategy, run_one
 from clbench.scenarios import build_scenario
 from clbench.strategies.base import Experience
@@ -74,9 +75,8 @@ def digits():
 
 
 def test_byte_accounting_is_exact_and_bounded():
-    storage = CodecStorage("jpeg:q=50")
     budget = 20_000
-    buf = ExemplarBuffer(budget_bytes=budget, storage=storage)
+    buf = ExemplarBuffer(get_codec("jpeg:q=50"), budget_bytes=budget)
     for c in range(0, 6, 2):
         buf.add_classes({c: smooth_images(30, seed=c), c + 1: smooth_images(30, seed=c + 1)})
         stored = sum(len(p) for ps in buf.payloads.values() for p in ps)
@@ -91,8 +91,8 @@ def test_byte_accounting_is_exact_and_bounded():
 def test_capacity_ratio_matches_measured_bpp():
     images = smooth_images(200)
     budget = 100_000
-    raw = ExemplarBuffer(budget_bytes=budget, storage=RawStorage())
-    jpg = ExemplarBuffer(budget_bytes=budget, storage=CodecStorage("jpeg:q=50"))
+    raw = ExemplarBuffer(get_codec("raw"), budget_bytes=budget)
+    jpg = ExemplarBuffer(get_codec("jpeg:q=50"), budget_bytes=budget)
     raw.add_classes({0: images})
     jpg.add_classes({0: images})
     mean_bytes = np.mean([len(b) for b in jpg.payloads[0]])
@@ -109,7 +109,7 @@ def test_herding_ranks_the_decoded_images(digits):
     )
     strat = build_strategy(c, "er-compressed", sc, 0, torch.device("cpu"), False)
     images = smooth_images(12, size=8)
-    payloads = strat.buffer.storage.encode(images)
+    payloads = strat.buffer.codec.encode(images)
     decoded = strat.buffer.decode(payloads)
     tf = sc.transforms["eval"]
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_selection_rule_on_a_constructed_case(smooth, tol, expected):
     strat.select_codec(exp)
     sel = strat.report()["codec_selection"]
     rows = {r["codec"]: r for r in sel["candidates"]}
-    assert sel["chosen"] == expected and strat.buffer.storage.name == expected
+    assert sel["chosen"] == expected and strat.buffer.codec.spec == get_codec(expected).spec
     assert rows["png"]["feature_mse_rel"] == 0.0
     assert rows["jpeg:q=5"]["mean_bytes"] < rows["jpeg:q=90"]["mean_bytes"]
     assert rows["jpeg:q=5"]["feature_mse_rel"] > rows["jpeg:q=90"]["feature_mse_rel"]
@@ -253,9 +253,9 @@ def test_codec_view_cached_and_on_the_fly_agree(smooth):
 
     cfg, sc = smooth
     raw = sc.train_stream[0].dataset.with_transforms("raw")
-    storage = CodecStorage("jpeg:q=40")
-    cached = CodecView(raw, storage, sc.transforms["eval"], cache_bytes=10**9)
-    lazy = CodecView(raw, storage, sc.transforms["eval"], cache_bytes=0)
+    codec = get_codec("jpeg:q=40")
+    cached = CodecView(raw, codec, sc.transforms["eval"], cache_bytes=10**9)
+    lazy = CodecView(raw, codec, sc.transforms["eval"], cache_bytes=0)
     assert cached.x is not None and lazy.x is None
     for a, b in zip(cached.__getitems__([0, 3, 5]), lazy.__getitems__([0, 3, 5]), strict=True):
         assert torch.equal(a[0], b[0]) and a[1] == b[1]
@@ -272,15 +272,19 @@ TINY_CODEC = {
 }
 
 
+def tiny_continual_spec() -> str:
+    opts = {k: v for k, v in TINY_CODEC.items() if k != "arch_kwargs"}
+    return format_spec("continual", {**opts, **TINY_CODEC["arch_kwargs"]})
+
+
 def _u8(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
 def test_decoder_fixed_finetuning_keeps_old_bitstreams():
-    from clbench.codecs.continual import ENCODER_MODULES, ContinualCodecStorage
+    from clbench.codecs.continual import ENCODER_MODULES
 
-    opts = {k: v for k, v in TINY_CODEC.items()}
-    st = ContinualCodecStorage(**opts)
+    st = get_codec(tiny_continual_spec())
     st.fit(_u8(smooth_images(8, seed=1)))
     old = smooth_images(6, seed=2)
     bits = st.encode(old)
@@ -298,7 +302,7 @@ def test_decoder_fixed_finetuning_keeps_old_bitstreams():
 
 
 def test_grad_cam_equals_cam_for_a_pooled_linear_head():
-    from clbench.codecs.continual import grad_cam
+    from clbench.strategies.compressed_replay import grad_cam
 
     torch.manual_seed(0)
     conv, fc = torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.Linear(5, 4)
@@ -376,3 +380,146 @@ def test_bad_learned_codec_is_named(digits, learned, match):
     )
     with pytest.raises(ConfigError, match=match):
         build_strategy(c, "er-compressed", sc, 0, torch.device("cpu"), False)
+
+
+# -- storage through the codec zoo ----------------------------------------------------------
+def test_memory_imports_no_codec_module():
+    code = "import sys, clbench.memory; print(any(m.startswith('clbench.codecs') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_continual_codec_is_a_spec_like_the_others(smooth):
+    from clbench.codecs.continual import ContinualCodec
+
+    codec = get_codec(tiny_continual_spec())
+    assert isinstance(codec, ContinualCodec) and codec.arch_kwargs == {"N": 8, "M": 8}
+    assert get_codec(codec.spec).spec == codec.spec  # the spec recreates it
+    cfg, sc = smooth
+    # a learned_codec mapping and the same codec named as a spec build the same storage
+    by_map = {"learned_codec": TINY_CODEC}
+    by_spec = {"codec": tiny_continual_spec()}
+    specs = []
+    for params in (by_map, by_spec):
+        c = load_config({**cfg.to_dict(), "strategy_params": {"er-compressed": params}})
+        strat = build_strategy(c, "er-compressed", sc, 3, torch.device("cpu"), False)
+        assert strat.learned is strat.buffer.codec  # trained after each task
+        specs.append(strat.buffer.codec.spec)
+    assert specs[0] == specs[1] and "seed=3" in specs[0]  # the run's seed when none is given
+
+
+def _payload_offset(blob: bytes, payload: bytes) -> int:
+    at = blob.find(payload)
+    assert at >= 0 and blob.find(payload, at + 1) < 0  # found once: flip exactly that copy
+    return at
+
+
+def test_checkpointed_buffer_bytes_carry_a_crc32(smooth, tmp_path):
+    buf = ExemplarBuffer(get_codec("jpeg:q=50"), budget_bytes=20_000)
+    buf.add_classes({0: smooth_images(3), 1: smooth_images(3, seed=1)})
+    state = buf.state_dict()
+    other = ExemplarBuffer(get_codec("jpeg:q=50"), budget_bytes=20_000)
+    other.load_state_dict(state)
+    assert other.payloads == buf.payloads
+    state["payloads"][1][2][100] ^= 0x04  # one flipped bit in a stored JPEG
+    with pytest.raises(ClbenchError, match="exemplar 2 of class 1 .* fails its CRC32 check"):
+        other.load_state_dict(state)
+    with pytest.raises(ClbenchError, match="holds jpeg:q=50 exemplars, but this run stores raw"):
+        ExemplarBuffer(get_codec("raw"), 100).load_state_dict(buf.state_dict())
+
+    # on disk: a bit flipped inside a checkpoint is named with the checkpoint's path
+    cfg, sc = smooth
+    params = {"codec": "jpeg:q=50", "budget_bytes": "20kB"}
+    c = load_config({**cfg.to_dict(), "strategy_params": {"er-compressed": params}})
+    assert run_one(c, sc, "er-compressed", 0, tmp_path, stop_after=1, log=lambda s: None) is None
+    (ckpt,) = tmp_path.rglob("*.pt")
+    blob = bytearray(ckpt.read_bytes())
+    stored = torch.load(ckpt, weights_only=True)["strategy"]
+    payload = _find_payload(stored)
+    blob[_payload_offset(bytes(blob), payload) + len(payload) // 2] ^= 0x01
+    ckpt.write_bytes(bytes(blob))
+    with pytest.raises(ClbenchError, match=f"checkpoint {ckpt}: .*fails its CRC32 check"):
+        run_one(c, sc, "er-compressed", 0, tmp_path, resume=True, log=lambda s: None)
+
+
+def _find_payload(state) -> bytes:
+    """The first replay-buffer payload in a strategy's state dict, wherever it is nested."""
+    if isinstance(state, dict):
+        if "crc32" in state and "payloads" in state:
+            first = next(ts for ts in state["payloads"].values() if ts)
+            return first[0].numpy().tobytes()
+        for v in state.values():
+            found = _find_payload(v)
+            if found is not None:
+                return found
+    return None
+
+
+def test_negative_mem_size_and_too_small_budgets_are_refused(digits):
+    cfg, sc = digits
+    cpu = torch.device("cpu")
+
+    def build(name, params):
+        c = load_config({**cfg.to_dict(), "strategy_params": {name: params}})
+        return build_strategy(c, name, sc, 0, cpu, False)
+
+    with pytest.raises(ConfigError, match="strategy er: mem_size -5 is negative"):
+        build("er", {"mem_size": -5})
+    # 10 digits classes x (8*8*3 pixels + 8 label bytes) = 2,000 B at least
+    with pytest.raises(ConfigError, match=r"strategy er: budget_bytes 1,999 .* at least 2,000 B"):
+        build("er", {"mem_size": None, "budget_bytes": 1999})
+    assert len(build("er", {"mem_size": None, "budget_bytes": 2000}).buffer) == 0
+    flat = len(get_codec("jpeg:q=90").encode([np.full((8, 8, 3), 128, np.uint8)])[0]) + 8
+    with pytest.raises(ConfigError, match=f"as jpeg:q=90 costs {flat} B .* {10 * flat:,} B"):
+        build("er-compressed", {"codec": "jpeg:q=90", "budget_bytes": 10 * flat - 1})
+    cands = {"candidates": ["jpeg:q=90", "jpeg:q=10"], "budget_bytes": 100}
+    with pytest.raises(ConfigError, match=r"as jpeg:q=10 \(the cheapest candidate\)"):
+        build("er-compressed", cands)
+
+
+def test_learned_codec_budget_is_checked_on_real_images_after_its_first_fit(smooth, tmp_path):
+    cfg, sc = smooth
+    params = {"learned_codec": TINY_CODEC, "budget_bytes": 40}
+    c = load_config({**cfg.to_dict(), "strategy_params": {"er-compressed": params}})
+    build_strategy(c, "er-compressed", sc, 0, torch.device("cpu"), False)  # random codec: no check
+    with pytest.raises(ConfigError, match="smallest of 30 first-task images as the trained codec"):
+        run_one(c, sc, "er-compressed", 0, tmp_path, log=lambda s: None)
+
+
+def test_compressed_exemplars_larger_than_raw_are_warned(digits, tmp_path):
+    cfg, sc = digits
+    c = load_config({**cfg.to_dict(), "strategy_params": {"er-compressed": {"codec": "jpeg:q=50"}}})
+    with pytest.warns(ClbenchWarning, match="jpeg:q=50 stores 8x8 exemplars in .* more than raw"):
+        strat = build_strategy(c, "er-compressed", sc, 0, torch.device("cpu"), False)
+        strat.train_experience(_first_experience(sc))
+    (msg,) = strat.report()["warnings"]
+    assert "more than raw pixels (24 bpp)" in msg
+    logged: list[str] = []
+    rec = run_one(c, sc, "er-compressed", 0, tmp_path, log=logged.append)
+    (kept,) = rec["strategy_report"]["warnings"]  # once, though every experience stores JPEGs
+    assert "more than raw pixels" in kept and any(kept in line for line in logged)
+
+
+@pytest.mark.parametrize("name", ["der", "der-compressed"])
+def test_der_logits_count_against_the_byte_budget(digits, name):
+    """DER stores float32 logits beside each exemplar; the budget's fit charges them too
+    (it used to fit payloads + labels only: 24,000 B stored against 20,000 here)."""
+    cfg, sc = digits
+    budget = 20_000
+    params = {"mem_size": None, "budget_bytes": budget, "codec": "raw"}
+    if name == "der-compressed":
+        params["preprocess"] = "none"
+    c = load_config({**cfg.to_dict(), "strategy_params": {name: params}})
+    strat = build_strategy(c, name, sc, 0, torch.device("cpu"), False)
+    assert strat.buffer.extra_per_exemplar == 4 * 10  # 10 digits classes, float32
+    strat.train_experience(_first_experience(sc))
+    buf = strat.buffer
+    assert buf.extra_bytes() == len(buf) * 40  # the logits really are stored
+    assert strat.memory()["buffer_bytes"] == buf.nbytes() <= budget
+    per_class = budget // 2 // (8 * 8 * 3 + 8 + 40)  # 41 exemplars of 240 B in 10,000 B
+    assert [len(buf.payloads[k]) for k in buf.classes] == [per_class, per_class]
+    with pytest.raises(ConfigError, match=r"costs 240 B with its label and 40 B of extras"):
+        build_strategy(
+            load_config({**cfg.to_dict(), "strategy_params": {name: {**params, "budget_bytes": 2399}}}),
+            name, sc, 0, torch.device("cpu"), False,
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,7 @@ EXPECTED_WHERE = {
     "imagenet-a": ("imagenet-a", "LAMDA-PILOT"),
     "vtab": ("vtab-cil/vtab", "LAMDA-PILOT"),
     "folder": ("{train,test}", "path option"),
+    "video": ("video/bigbuckbunny.mp4", "docs/video.md"),
 }
 
 
@@ -398,3 +400,79 @@ def test_food101_meta_json_is_what_torchvision_reads(tmp_path):
     assert list(test.paths) == [str(p) for p in reference._image_files]
     assert test.targets.tolist() == reference._labels
     assert json.loads((tmp_path / "food-101" / "meta" / "test.json").read_text())
+
+
+# --------------------------------------------------------------------------- bad data, one line
+def test_data_root_that_is_a_file_says_so(tmp_path, monkeypatch):
+    f = tmp_path / "data.zip"
+    f.write_bytes(b"PK")
+    with pytest.raises(DataNotFoundError, match=r"data root .*data\.zip is a file, not a folder"):
+        load_dataset("cifar100", f)
+    monkeypatch.setenv(DATA_ROOT_ENV, str(f))
+    with pytest.raises(DataNotFoundError, match=f"is a file.*point \\${DATA_ROOT_ENV} at"):
+        load_dataset("cifar100")
+
+
+def test_every_unreadable_file_is_named_in_one_message(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "mydata", ["cat", "dog"], per_class=(4, 1))
+    train = tmp_path / "mydata" / "train"
+    (train / "cat" / "cat_1.JPEG").write_bytes(b"")  # zero bytes
+    (train / "dog" / "dog_2.png").write_bytes(b"")
+    with pytest.raises(ClbenchError) as err:  # at load time: a stat per file, no decoding
+        load_dataset("folder", tmp_path, path="mydata")
+    msg = str(err.value)
+    assert "\n" not in msg and "2 of 10 image files cannot be read" in msg
+    assert "cat_1.JPEG (empty file (0 bytes))" in msg and "dog_2.png (empty file" in msg
+
+    # decoding: undecodable and empty files are collected, the first MAX_LISTED named
+    monkeypatch.setattr("clbench.data.MAX_LISTED", 2)
+    good = write_image(tmp_path / "ok.jpg")
+    bad = [tmp_path / f"bad{i}.jpg" for i in range(3)]
+    bad[0].write_bytes(jpeg_bytes()[:40])  # truncated
+    bad[1].write_bytes(b"")
+    bad[2].write_bytes(b"not an image")
+    paths = [str(p) for p in (bad[0], good, bad[1], good, bad[2])]
+    lazy = ImageSet(targets=[0, 1, 0, 1, 0], classes=["a", "b"], paths=paths, name="mine")
+    for workers in (1, 2):
+        with pytest.raises(ClbenchError) as err:
+            lazy.materialize(num_workers=workers)
+        msg = str(err.value)
+        assert msg.startswith("mine: 3 of 5 image files cannot be read: ") and "\n" not in msg
+        assert "bad0.jpg (" in msg and "bad1.jpg (empty file (0 bytes))" in msg
+        assert msg.endswith("; and 1 more; delete or replace them")
+
+
+def test_decoded_images_are_writable_so_torch_does_not_warn(tmp_path):
+    from clbench.scenarios import ImageSetDataset
+
+    path = write_image(tmp_path / "a.jpg")
+    assert load_rgb(path).flags.writeable
+    lazy = ImageSet(targets=[0], classes=["a"], paths=[str(path)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "NumPy array is not writable" UserWarning
+        x, _ = ImageSetDataset(lazy, np.arange(1))[0]
+    assert x.shape == (3, 8, 8)
+
+
+def test_class_range_is_applied_by_the_dataset_layer(tmp_path):
+    write_cifar100(tmp_path, ["a", "b", "c", "d"])
+    train, test = load_dataset("cifar100", tmp_path, class_range=[1, 3])
+    assert train.classes == ["b", "c"] and sorted(set(train.targets)) == [0, 1]
+    assert sorted(set(test.targets)) == [0, 1]
+    with pytest.raises(ConfigError, match=r"class_range \[2, 9\] does not fit the 4 classes"):
+        load_dataset("cifar100", tmp_path, class_range=[2, 9])
+
+
+def test_benchmark_class_orders_go_through_the_registry():
+    from clbench.config import load_config
+    from clbench.scenarios import build_scenario
+
+    base = ["dataset.class_range=[0, 4]", "scenario.split=B0Inc2", "scenario.num_experiences=2"]
+    sc = build_scenario(load_config("digits", [*base, "scenario.class_order=identity"]))
+    assert sc.class_order == [0, 1, 2, 3] and sc.class_names == ["0", "1", "2", "3"]
+    named = build_scenario(load_config("digits", [*base, "scenario.class_order=['3','1','0','2']"]))
+    assert named.class_order == [3, 1, 0, 2]
+    with pytest.raises(ConfigError, match="class_order 'random': valid values: icarl, identity"):
+        load_config("digits", ["scenario.class_order=random"])
+    with pytest.raises(ConfigError, match=r"scenario.class_order: .*missing \[3\]"):
+        build_scenario(load_config("digits", [*base, "scenario.class_order=[0, 1, 2]"]))

@@ -16,11 +16,12 @@ import pytest
 
 from clbench.errors import ClbenchError
 from clbench.leaderboard import add_leaderboard_command, build_leaderboard, human_bytes, main
+from clbench.records import config_fingerprint
 
 try:  # the record factory is shared with test_records (tests/ may or may not be a package)
-    from tests.test_records import make_record
+    from tests.test_records import make_record, read_only_dir
 except ImportError:
-    from test_records import make_record
+    from test_records import make_record, read_only_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -251,3 +252,63 @@ def test_python_m_entry_point(tmp_path):
 )
 def test_human_bytes(n, text):
     assert human_bytes(n) == text
+
+
+# ----------------------------------------------------------------- config identity, commands
+
+
+def test_runs_of_different_configs_are_never_one_row(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    a, b = {"train": {"epochs": 1}}, {"train": {"epochs": 2}}
+    for seed, cfg, avg in ((0, a, 0.7), (1, a, 0.6), (2, b, 0.3)):
+        rec = make_record("digits", "er", seed, matrix=[[2 * avg - 0.5, None], [0.5, 0.5]],
+                          seen=[2 * avg - 0.5, 0.5], config=cfg)  # fmt: skip
+        (runs / f"{rec['run_id']}.json").write_text(json.dumps(rec))
+    result = build_leaderboard(tmp_path)
+    rows = {r["config_fingerprint"]: r for r in read_csv(tmp_path / "leaderboard.csv")}
+    assert len(rows) == 2 and result.skipped == []
+    fa, fb = config_fingerprint(a), config_fingerprint(b)
+    assert rows[fa]["seeds"] == "0;1"
+    assert float(rows[fa]["avg_incremental_accuracy_mean"]) == pytest.approx(0.65)
+    assert rows[fb]["seeds"] == "2"
+    assert float(rows[fb]["avg_incremental_accuracy_mean"]) == pytest.approx(0.3)
+    labels = list(result.tables["digits"]["label"])
+    assert labels == [f"er [config {fa[:8]}]", f"er [config {fb[:8]}]"]
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert f"| er [config {fa[:8]}] | 2 |" in md and f"| er [config {fb[:8]}] | 1 |" in md
+
+
+def test_each_row_says_which_command_produced_it(board):
+    results, _ = board
+    rows = {(r["benchmark"], r["strategy"]): r for r in read_csv(results / "leaderboard.csv")}
+    assert rows["digits", "er"]["commands"] == " ; ".join(
+        f"clbench run digits --strategy er --seed {s}" for s in range(3)
+    )
+    md = (results / "leaderboard.md").read_text()
+    digits = md.split("## digits")[1]
+    # er's three seeds were commands 1-3 of this table, finetune's 4-5, joint's 6
+    assert "| er | 3 |" in digits and digits.split("| er | 3 |")[1].split("\n")[0].endswith(
+        "| 1, 2, 3 |"
+    )
+    assert "1. `clbench run digits --strategy er --seed 0`" in digits
+    assert md.split("\n## digits")[1].split("\n")[2].endswith("| Command |")
+
+
+def test_an_untrained_run_is_marked(tmp_path):
+    rec = make_record("digits", "finetune", 0, config={"train": {"epochs": 0}})
+    rec["untrained"] = True
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "digits__finetune__s0.json").write_text(json.dumps(rec))
+    result = build_leaderboard(tmp_path)
+    assert list(result.tables["digits"]["label"]) == ["finetune (untrained)"]
+    assert "| finetune (untrained) |" in (tmp_path / "leaderboard.md").read_text()
+    assert read_csv(tmp_path / "leaderboard.csv")[0]["untrained"] == "True"
+
+
+def test_read_only_output_is_refused_before_writing(tmp_path):
+    write_runs(tmp_path, RUNS[:1])
+    with pytest.raises(ClbenchError, match="leaderboard folder .* is not writable"):
+        build_leaderboard(tmp_path, read_only_dir(tmp_path) / "board")
+    with pytest.raises(ClbenchError, match="is a file, not a folder"):
+        build_leaderboard(tmp_path, tmp_path / "runs" / "digits__er__s0.json")

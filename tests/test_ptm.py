@@ -193,8 +193,7 @@ def test_dualprompt_trains_its_tasks_e_prompt_and_selects_by_key_at_test():
     moved = (e0 - start["e_prompt"]).flatten(3).abs().sum(-1)  # [layers, 2, pool]
     assert (moved[:, :, 0] > 0).all() and (moved[:, :, 1:] == 0).all()  # the prompt mask
     assert not torch.equal(s.prompts["g_prompt"], start["g_prompt"])
-    s.task += 1
-    s.begin_task(exps[1])  # task 1's E-prompt starts as task 0's (shared_prompt_pool)
+    s.before_experience(exps[1])  # task 1's E-prompt starts as task 0's (shared_prompt_pool)
     assert torch.equal(s.prompts["e_prompt"][:, :, 1], e0[:, :, 0])
     s.task -= 1
     # at test time the E-prompt is the one whose key is nearest the query
@@ -219,8 +218,8 @@ def test_coda_prompt_components_are_orthonormal_and_earlier_ones_frozen():
         assert not torch.equal(flat[4:], old[4:]), name  # task 1's trained
     # a fresh draw of task 1's components: unit rows, orthogonal to each other and to the
     # span of task 0's (trained, no longer orthogonal) components
-    s.task = 1
-    s.begin_task(exps[1])
+    s.task = 0
+    s.before_experience(exps[1])  # task 1 again
     for name, par in s.prompts.items():
         flat = par.detach().double().flatten(1)
         new = flat[4:]
@@ -274,7 +273,6 @@ def test_coda_prompt_resume_draws_the_same_new_components():
     b = build("coda-prompt", epochs=1)
     b.load_state_dict(_roundtrip(a.state_dict()))
     for s in (a, b):
-        s.task += 1
-        s.begin_task(exps[1])
+        s.before_experience(exps[1])
     for name, par in a.prompts.items():
         assert torch.equal(par, b.prompts[name]), name

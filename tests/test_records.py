@@ -1,17 +1,27 @@
-"""Run records: derived metrics on hand-computed matrices, validation, loading, atomic writes."""
+"""Run records: derived metrics on hand-computed matrices, validation, the RunRecord type,
+config identity, loading, atomic writes, orphan clean-up, group writes and the run lock."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from clbench import atomic
+from clbench.atomic import torch_save_atomic
+from clbench.errors import ClbenchError
 from clbench.records import (
     SCHEMA_VERSION,
+    RecordError,
     RunRecord,
+    config_diff,
+    config_fingerprint,
     derived_metrics,
     load_records,
     read_record,
@@ -34,9 +44,10 @@ def make_record(
     seed: int = 0,
     matrix: list | None = None,
     seen: list | None = None,
+    config: dict | None = None,
     **costs,
 ) -> dict:
-    """A valid schema-1 record; tests mutate copies of it."""
+    """A valid record of the current schema, built as a RunRecord; tests mutate copies."""
     matrix = copy.deepcopy(MATRIX3 if matrix is None else matrix)
     seen = list(SEEN3 if seen is None else seen)
     T = len(matrix)
@@ -58,23 +69,21 @@ def make_record(
         "peak_rss_bytes": 300_000_000,
     }
     c.update(costs)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": f"{benchmark}__{strategy}__s{seed}",
-        "benchmark": benchmark,
-        "strategy": strategy,
-        "seed": seed,
-        "status": "complete",
-        "config": {"benchmark": benchmark, "strategy": {"name": strategy}, "seed": seed},
-        "class_order": list(range(2 * T)),
-        "experiences": [[2 * k, 2 * k + 1] for k in range(T)],
-        "metrics": {
+    record = RunRecord(
+        benchmark=benchmark,
+        strategy=strategy,
+        seed=seed,
+        status="complete",
+        config=config if config is not None else {"train": {"epochs": 1}, "strategy_params": {}},
+        class_order=list(range(2 * T)),
+        experiences=[[2 * k, 2 * k + 1] for k in range(T)],
+        metrics={
             "accuracy_matrix": matrix,
             "accuracy_seen": seen,
             **derived_metrics(matrix, seen),
         },
-        "costs": c,
-        "provenance": {
+        costs=c,
+        provenance={
             "clbench_version": "0.1.0",
             "git_commit": "0123456789abcdef0123456789abcdef01234567",
             "git_dirty": False,
@@ -88,7 +97,8 @@ def make_record(
             "python": "3.11.7",
             "platform": "Linux",
         },
-    }
+    )
+    return record.to_dict()
 
 
 # ----------------------------------------------------------------- derived metrics
@@ -194,7 +204,7 @@ def _mutated(path: str, value=..., delete: bool = False) -> dict:
 @pytest.mark.parametrize(
     "path, value, delete, expected",
     [
-        ("schema_version", 2, False, "schema_version is 2"),
+        ("schema_version", 99, False, "schema_version is 99"),
         ("schema_version", None, True, "missing key schema_version"),
         ("metrics", None, True, "missing key metrics"),
         ("metrics.accuracy_matrix", None, True, "missing key metrics.accuracy_matrix"),
@@ -260,16 +270,16 @@ def test_load_records_skips_bad_files_with_reasons(tmp_path):
     partial = make_record(seed=2)
     partial["status"] = "partial"
     _write(runs, "digits__er__s2.json", partial)
-    v2 = make_record(seed=3)
-    v2["schema_version"] = 2
-    _write(runs, "digits__er__s3.json", v2)
+    v99 = make_record(seed=3)
+    v99["schema_version"] = 99
+    _write(runs, "digits__er__s3.json", v99)
     nan = json.dumps(make_record(seed=4)).replace('"last_accuracy": 0.68', '"last_accuracy": NaN')
     _write(runs, "digits__er__s4.json", nan)
     _write(runs, "empty.json", "")
     (runs / "binary.json").write_bytes(b"\xff\xfe\x00")
     _write(runs, "list.json", [1])
     _write(runs, "dup.json", good)  # same run_id as digits__er__s0.json
-    _write(runs, ".digits__er__s9.json.abc.tmp", "{")  # a writer's leftover temp: not a record
+    _write(runs, ".clbench-tmp.h.1.digits__er__s9.json.abc.tmp", "{")  # a temp: not a record
 
     records, skipped = load_records(tmp_path)
     assert [r.run_id for r in records] == ["digits__er__s0"]
@@ -282,7 +292,7 @@ def test_load_records_skips_bad_files_with_reasons(tmp_path):
     }  # fmt: skip
     assert "invalid JSON" in reasons["truncated.json"]
     assert "partial" in reasons["digits__er__s2.json"]
-    assert "schema_version is 2" in reasons["digits__er__s3.json"]
+    assert "schema_version is 99" in reasons["digits__er__s3.json"]
     assert "metrics.last_accuracy is nan" in reasons["digits__er__s4.json"]
     assert "invalid JSON" in reasons["empty.json"]
     assert "unreadable" in reasons["binary.json"]
@@ -344,3 +354,176 @@ def test_write_json_atomic_converts_numpy(tmp_path):
     p = tmp_path / "a.json"
     write_json_atomic(p, {"order": np.arange(3), "seed": np.int64(7), "acc": np.float32(0.5)})
     assert json.loads(p.read_text()) == {"order": [0, 1, 2], "seed": 7, "acc": 0.5}
+
+
+# ----------------------------------------------------------------- the record type
+
+
+def test_run_record_round_trip_and_run_id():
+    d = make_record(seed=4)
+    r = RunRecord.from_dict(d)
+    assert r.run_id == "digits__er__s4" and r.to_dict() == d
+    assert r.config_fingerprint == config_fingerprint(d["config"])
+
+
+def test_run_record_keeps_unknown_keys():
+    d = make_record()
+    d["future_field"] = {"x": 1}
+    assert RunRecord.from_dict(d).to_dict()["future_field"] == {"x": 1}
+
+
+def test_from_dict_raises_naming_the_problem():
+    with pytest.raises(RecordError, match="top level is list"):
+        RunRecord.from_dict([1, 2])
+
+
+def _v1(d: dict) -> dict:
+    d = copy.deepcopy(d)
+    d["schema_version"] = 1
+    for key in ("config_fingerprint", "warnings", "untrained"):
+        del d[key]
+    return d
+
+
+def test_schema_1_records_still_load_with_a_computed_fingerprint(tmp_path):
+    v1 = _v1(make_record(config={"train": {"epochs": 3}}))
+    assert validate_record(v1) == []
+    _write(tmp_path / "runs", "digits__er__s0.json", v1)
+    (record,), skipped = load_records(tmp_path)
+    assert skipped == [] and record.schema_version == 1
+    assert record.config_fingerprint == config_fingerprint({"train": {"epochs": 3}})
+    assert record.to_dict()["schema_version"] == SCHEMA_VERSION
+
+
+def test_an_edited_config_no_longer_matches_its_fingerprint():
+    d = make_record()
+    d["config"]["train"]["epochs"] = 99
+    assert any("config_fingerprint" in p and "edited" in p for p in validate_record(d))
+
+
+# ----------------------------------------------------------------- config identity
+
+
+def test_fingerprint_ignores_where_data_lives_and_speed_knobs():
+    cfg = {
+        "name": "digits",
+        "seeds": [0],
+        "dataset": {"name": "digits", "root": "/a"},
+        "train": {"epochs": 2, "threads": 1, "num_workers": 0},
+        "strategy_params": {"er": {"mem_size": 100}},
+    }
+    same = copy.deepcopy(cfg)
+    same["dataset"]["root"], same["train"]["threads"], same["seeds"] = "/b", 8, [0, 1, 2]
+    assert config_fingerprint(cfg) == config_fingerprint(same)
+    other = copy.deepcopy(cfg)
+    other["strategy_params"]["er"]["mem_size"] = 10
+    assert config_fingerprint(cfg) != config_fingerprint(other)
+    assert config_diff(cfg, other) == ["strategy_params.er.mem_size: 100 -> 10"]
+    # a JSON round trip (what a record goes through) keeps the fingerprint
+    assert config_fingerprint(json.loads(json.dumps(cfg))) == config_fingerprint(cfg)
+
+
+def test_config_diff_names_added_and_removed_keys():
+    diff = config_diff({"train": {"epochs": 1}}, {"train": {"epochs": 1, "lr": 0.1}})
+    assert diff == ["train.lr: (absent) -> 0.1"]
+
+
+# ----------------------------------------------------------------- clbench.atomic
+
+
+def test_torch_save_atomic_round_trip(tmp_path):
+    torch = pytest.importorskip("torch")
+    p = tmp_path / "ck" / "a.pt"
+    torch_save_atomic({"w": torch.arange(3)}, p)
+    assert torch.equal(torch.load(p, weights_only=True)["w"], torch.arange(3))
+    assert os.listdir(p.parent) == ["a.pt"]
+
+
+def test_orphans_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    host = atomic._HOST
+    orphan = tmp_path / f"{atomic.TMP_PREFIX}{host}.{dead.stdout.strip()}.a.json.x.tmp"
+    live = tmp_path / f"{atomic.TMP_PREFIX}{host}.{os.getpid()}.b.json.y.tmp"
+    remote = tmp_path / f"{atomic.TMP_PREFIX}otherhost.1.c.json.z.tmp"
+    old_remote = tmp_path / f"{atomic.TMP_PREFIX}otherhost.2.d.json.z.tmp"
+    for p in (orphan, live, remote, old_remote):
+        p.write_text("{")
+    t = time.time() - 2 * atomic.ORPHAN_AGE_S
+    os.utime(old_remote, (t, t))
+    (tmp_path / "keep.json").write_text("{}")
+    assert sorted(atomic.remove_orphans(tmp_path)) == sorted([orphan, old_remote])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, remote.name, "keep.json"]
+    )
+
+
+def test_group_write_replaces_all_files(tmp_path):
+    files = {tmp_path / "a.md": b"A1", tmp_path / "plots" / "p.png": b"P1"}
+    atomic.write_group_atomic(tmp_path, files)
+    atomic.write_group_atomic(
+        tmp_path, {tmp_path / "a.md": b"A2", tmp_path / "plots" / "p.png": b"P2"}
+    )
+    assert (tmp_path / "a.md").read_bytes() == b"A2"
+    assert (tmp_path / "plots" / "p.png").read_bytes() == b"P2"
+    assert sorted(os.listdir(tmp_path)) == ["a.md", "plots"]
+
+
+def test_group_journal_left_by_a_kill_is_rolled_forward(tmp_path):
+    (tmp_path / "a.md").write_bytes(b"old")
+    (tmp_path / "b.csv").write_bytes(b"old")
+    # what a writer killed after its first rename leaves: a.md new, b.csv's temp + journal
+    (tmp_path / "a.md").write_bytes(b"new")
+    tmp = tmp_path / f"{atomic.TMP_PREFIX}{atomic._HOST}.999999999.b.csv.q.tmp"
+    tmp.write_bytes(b"new")
+    renames = [["gone.tmp", "a.md"], [tmp.name, "b.csv"]]
+    (tmp_path / atomic.GROUP_JOURNAL).write_text(json.dumps({"renames": renames}))
+    assert atomic.remove_orphans(tmp_path) == []  # completed, not deleted
+    assert (tmp_path / "b.csv").read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["a.md", "b.csv"]
+
+
+def test_run_lock_refuses_a_second_holder_with_one_line(tmp_path):
+    lock = tmp_path / ".locks" / "digits__er__s0.lock"
+    code = (
+        "import sys, time; from clbench.atomic import run_lock\n"
+        f"with run_lock({str(lock)!r}):\n    print('held', flush=True); time.sleep(30)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ClbenchError, match=r"run digits__er__s0 is being written by another"):
+            with atomic.run_lock(lock, 0, what="run digits__er__s0"):
+                pass
+        holder.kill()  # SIGKILL: the kernel releases the lock, no stale lock file blocks
+        holder.wait()
+        with atomic.run_lock(lock, 5):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_check_writable_dir(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ClbenchError, match=r"--out .*f is a file, not a folder"):
+        atomic.check_writable_dir(tmp_path / "f", "--out")
+    with pytest.raises(ClbenchError, match=r"its parent .*f is a file, not a folder"):
+        atomic.check_writable_dir(tmp_path / "f" / "sub", "--out")
+    assert atomic.check_writable_dir(tmp_path / "new" / "deeper", "--out")
+    assert not (tmp_path / "new").exists()  # checked, not created
+    with pytest.raises(ClbenchError, match="is not writable"):
+        atomic.check_writable_dir(read_only_dir(tmp_path), "--out")
+
+
+def read_only_dir(tmp_path: Path) -> Path:
+    """A folder this process cannot write: chmod for a user, a sysfs folder for root (root
+    ignores permission bits, but not a read-only file system)."""
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        return d
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("running as root without a read-only /sys to test against")
+    return Path("/sys/kernel")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +13,13 @@ import pytest
 import torch
 
 from clbench.cli import main
-from clbench.config import load_config, split_sizes
+from clbench.codecs import get_codec
+from clbench.config import load_config
 from clbench.errors import ClbenchError, ConfigError
 from clbench.memory import ExemplarBuffer, parse_bytes
 from clbench.records import validate_record
 from clbench.runner import run_benchmark, run_one
-from clbench.scenarios import build_scenario
+from clbench.scenarios import build_scenario, split_sizes
 
 # a fast digits config: few epochs, a small MLP, one thread (deterministic and quick)
 FAST = ["train.epochs=2", "backbone.kwargs.hidden=32", "train.threads=1"]
@@ -187,7 +191,7 @@ def test_buffer_never_exceeds_budget_and_stays_balanced():
     rng = np.random.default_rng(0)
     img = lambda: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # noqa: E731
     per = 8 * 8 * 3 + 8  # pixels + int64 label
-    buf = ExemplarBuffer(budget_bytes=10 * per + 5)
+    buf = ExemplarBuffer(get_codec("raw"), budget_bytes=10 * per + 5)
     buf.add_classes({0: [img() for _ in range(20)], 1: [img() for _ in range(20)]})
     assert buf.nbytes() <= buf.budget_bytes and [len(buf.payloads[c]) for c in (0, 1)] == [5, 5]
     buf.add_classes({2: [img() for _ in range(20)], 3: [img() for _ in range(20)]})
@@ -195,7 +199,7 @@ def test_buffer_never_exceeds_budget_and_stays_balanced():
     x, y = buf.tensors()
     assert x.shape == (8, 3, 8, 8) and y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     state = buf.state_dict()
-    other = ExemplarBuffer(budget_bytes=buf.budget_bytes)
+    other = ExemplarBuffer(get_codec("raw"), budget_bytes=buf.budget_bytes)
     other.load_state_dict(state)
     assert torch.equal(other.tensors()[0], x)
 
@@ -321,3 +325,112 @@ def test_eval_resize_is_pilots_resize_then_centre_crop(tmp_path):
         build_scenario(
             load_config("imagenet-r-ptm", [*overrides, "transforms.eval_resize=8"]), tmp_path
         )
+
+
+# -- pre-flight: bad input is one line before any training (issue 13) -----------------------
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("- a\n- b\n", "holds a YAML list, expected a mapping"),
+        ("hello\n", "holds a YAML scalar ('hello'), expected a mapping"),
+        ("", "is empty; it needs at least a dataset"),
+        ("a: [1,\n", "invalid YAML at line 2"),
+    ],
+)
+def test_benchmark_yaml_that_is_not_a_mapping(tmp_path, text, expected):
+    (tmp_path / "b.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(str(tmp_path / "b.yaml"))
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [("cuda:x", "valid values: cpu, cuda, cuda:N"), ("tpu", "valid values"), ("cuda:99", "cuda")],
+)
+def test_device_is_checked_against_the_machine(device, expected):
+    from clbench.runner import resolve_device
+
+    if device == "cuda:99" and not torch.cuda.is_available():
+        expected = "no CUDA device is visible"
+    elif device == "cuda:99":
+        expected = "CUDA device(s)"
+    with pytest.raises(ClbenchError, match=re.escape(expected)):
+        resolve_device(device)
+
+
+@pytest.mark.parametrize("where", ["out-file", "data-root-file", "device"])
+def test_bad_paths_and_device_fail_before_data_or_training(tmp_path, capsys, where):
+    (tmp_path / "f").write_text("x")
+    args = {
+        "out-file": ["--out", str(tmp_path / "f")],
+        "data-root-file": ["--out", str(tmp_path / "o"), "--data-root", str(tmp_path / "f")],
+        "device": ["--out", str(tmp_path / "o"), "--device", "cuda:x"],
+    }[where]
+    assert main(["run", "digits", *args, *sum((["--set", s] for s in FAST), [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clbench: error:"), err
+    assert {"out-file": "is a file, not a folder", "data-root-file": "--data-root",
+            "device": "cuda:x"}[where] in err[0]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # nothing written
+
+
+def test_every_strategy_is_built_before_any_training(tmp_path, capsys):
+    # er trains first in the list; finetune's bad parameter must stop the run before it
+    args = ["run", "digits", "--strategy", "er", "finetune", "--out", str(tmp_path / "o"),
+            "--set", "strategy_params.finetune={nope: 1}", *sum((["--set", s] for s in FAST), [])]  # fmt: skip
+    assert main(args) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_help_and_config_errors_do_not_import_avalanche():
+    code = (
+        "import sys\nfrom clbench.cli import main\n"
+        "assert main(['run', '--set', 'train.epochz=1']) == 2\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('avalanche', 'qpsolvers')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert "QP solver" not in proc.stderr
+
+
+def test_untrained_runs_and_warnings_are_recorded(digits_scenario, tmp_path, monkeypatch):
+    import warnings
+
+    from clbench.errors import ClbenchWarning
+    from clbench.strategies.base import STRATEGIES
+
+    cfg, sc = digits_scenario
+    cls = STRATEGIES.get("finetune")
+    real = cls.train_experience
+
+    def noisy(self, exp):
+        warnings.warn("exemplars are larger compressed than raw", ClbenchWarning, stacklevel=1)
+        return real(self, exp)
+
+    monkeypatch.setattr(cls, "train_experience", noisy)
+    zero = load_config("digits", [*FAST, "train.epochs=0"])
+    logged = []
+    rec = run_one(zero, sc, "finetune", 0, tmp_path, log=logged.append)
+    assert rec["untrained"] is True and validate_record(rec) == []
+    assert rec["warnings"] == ["exemplars are larger compressed than raw"]  # once, not 5 times
+    assert sum("warning: exemplars are larger" in s for s in logged) == 1
+    assert run_one(cfg, sc, "joint", 0, tmp_path, log=lambda s: None)["untrained"] is False
+
+
+def test_progress_bars_only_on_a_terminal(digits_scenario, tmp_path, monkeypatch):
+    import clbench.runner as runner
+
+    seen = []
+    real = runner._run_one
+    monkeypatch.setattr(
+        runner, "_run_one", lambda *a, **k: seen.append(k["progress"]) or real(*a, **k)
+    )
+    cfg = fast_cfg("strategies=[finetune]")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    run_benchmark(cfg, tmp_path / "a", progress=True, log=lambda s: None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    run_benchmark(cfg, tmp_path / "b", progress=True, log=lambda s: None)
+    assert seen == [False, True]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clbench.memory import CodecStorage
+from clbench.codecs import get_codec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,13 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     images = [np.asarray(s.convert("RGB")) for s in sources]
     rows = []
     for q in args.qualities:
-        storage = CodecStorage(f"jpeg:q={q}")
+        storage = get_codec(f"jpeg:q={q}")
         payloads = storage.encode(images)
         decoded = storage.decode(payloads)
         mse = np.mean(
             [np.mean((a.astype(np.float64) - b) ** 2) for a, b in zip(images, decoded, strict=True)]
         )
-        nbytes = float(np.mean([storage.nbytes(p) for p in payloads]))
+        nbytes = float(np.mean([storage.charged_bytes(p) for p in payloads]))
         h, w = images[0].shape[:2]
         rows.append(
             {

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from clbench.codecs._io import write_json, write_text
+from clbench.provenance import cpu_info
 
 
 def run(cmd: list[str], env: dict) -> tuple[float, str]:
@@ -67,6 +68,8 @@ def main() -> int:
             "--threads",
             "1",
             "--no-progress",
+            # CompressAI's eval_model measures no complexity; compare like with like
+            "--no-complexity",
             "--out",
             tmp,
         ]
@@ -95,6 +98,7 @@ def main() -> int:
         "agree_to_1e-3": abs(cmp["bpp"][0] - cmp["bpp"][1]) < 1e-3
         and abs(cmp["psnr_rgb"][0] - cmp["psnr_rgb"][1]) < 1e-3,
         "loadavg_at_end": os.getloadavg(),
+        "cpu": cpu_info(),
     }
     write_json(Path(args.out).with_suffix(".json"), result)
     lines = [
@@ -117,7 +121,8 @@ def main() -> int:
         "",
         f"Wall time of the whole command: clbench {w['clbench']:.1f} s, CompressAI {w['compressai']:.1f} s, "
         f"ratio {w['ratio_clbench_over_compressai']:.3f} (shared machine, load average at the end "
-        f"{result['loadavg_at_end'][0]:.1f}).",
+        f"{result['loadavg_at_end'][0]:.1f}; CPU {result['cpu']['model']}, "
+        f"{result['cpu']['logical_cores']} logical cores).",
         "",
     ]
     write_text(Path(args.out).with_suffix(".md"), "\n".join(lines))

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from clbench.backbones import ResNet18
-from clbench.memory import ExemplarBuffer, make_storage
+from clbench.codecs import get_codec
+from clbench.memory import ExemplarBuffer
 from clbench.records import write_json_atomic
 from clbench.strategies.base import BackboneClassifier
 
@@ -61,8 +62,8 @@ def main() -> None:
         ]
     )
     buffers = {}
-    for name, spec in (("raw", None), ("jpeg", "jpeg:q=50"), ("learned", a.learned)):
-        buf = ExemplarBuffer(max_exemplars=a.exemplars, storage=make_storage(spec))
+    for name, spec in (("raw", "raw"), ("jpeg", "jpeg:q=50"), ("learned", a.learned)):
+        buf = ExemplarBuffer(get_codec(spec), max_exemplars=a.exemplars)
         per = a.exemplars // 100
         buf.add_classes({c: images[c * per : (c + 1) * per] for c in range(100)})
         buffers[name] = buf

@@ -99,6 +99,7 @@ DATASETS: Registry[DatasetLoader | LoaderFn] = Registry(
         "clbench.datasets.food",
         "clbench.datasets.tinyimagenet",
         "clbench.datasets.folder",
+        "clbench.datasets.video",
     ),
 )
 
@@ -138,6 +139,7 @@ def load_dataset(
     *,
     download: bool = False,
     variant: str | None = None,
+    class_range: tuple[int, int] | list[int] | None = None,
     **options,
 ) -> tuple[ImageSet, ImageSet]:
     """Load dataset ``name`` as ``(train, test)`` image sets, labels 0..C-1 in its own order.
@@ -149,12 +151,14 @@ def load_dataset(
         download: fetch the dataset into ``root`` when the format has a public download
             (CIFAR, Food-101, Tiny-ImageNet). Off by default: nothing is fetched silently.
         variant: which published version (e.g. ImageNet-100 ``podnet`` or ``lucir``).
+        class_range: ``[lo, hi)``: keep classes lo..hi-1, relabelled 0..hi-lo-1.
         **options: dataset-specific options (see docs/datasets.md).
 
     Raises:
         DataNotFoundError: the files are missing; the message names the expected path and
             how to obtain the data.
-        ConfigError: unknown variant or option.
+        ClbenchError: image files that are missing or empty, all named in one message.
+        ConfigError: unknown variant or option, or a class range outside the dataset.
     """
     loader = get_loader(name)
     variant = loader.check_variant(variant)
@@ -164,6 +168,16 @@ def load_dataset(
         kwargs["variant"] = variant
     train, test = loader.fn(resolve_data_root(root), **kwargs)
     _check_pair(name, train, test)
+    if class_range is not None:
+        lo, hi = class_range
+        if not 0 <= lo < hi <= len(train.classes):
+            raise ConfigError(
+                f"dataset.class_range [{lo}, {hi}] does not fit the {len(train.classes)} "
+                f"classes of {name}: use 0 <= lo < hi <= {len(train.classes)}"
+            )
+        train, test = train.keep_classes(lo, hi), test.keep_classes(lo, hi)
+    for split in (train, test):
+        split.check_files()
     return train, test
 
 

@@ -13,6 +13,7 @@ changes with the seed; pass the seed you want to reproduce.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,24 @@ def icarl_class_order(num_classes: int, seed: int = ICARL_SEED) -> list[int]:
 def identity_class_order(num_classes: int, seed: int = ICARL_SEED) -> list[int]:
     """The dataset's own order 0..C-1 (an unshuffled benchmark, e.g. VTAB in CL-LoRA)."""
     return list(range(num_classes))
+
+
+def check_class_order(spec: Any, where: str = "scenario.class_order") -> None:
+    """Config-time check, before any data is loaded: a registered order name, or a
+    non-empty list of class ids or names (checked against the dataset by
+    :func:`resolve_class_order`)."""
+    if isinstance(spec, str) and spec in CLASS_ORDERS:
+        return
+    if (
+        isinstance(spec, list)
+        and spec
+        and all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in spec)
+    ):
+        return
+    raise ConfigError(
+        f"{where} {spec!r}: valid values: {', '.join(CLASS_ORDERS.names())}, or a list of "
+        "class ids or class names"
+    )
 
 
 def resolve_class_order(

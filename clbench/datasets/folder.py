@@ -20,23 +20,13 @@ PILOT_URL = "https://github.com/LAMDA-CL/LAMDA-PILOT#-datasets"
 
 
 def _load_train_test(base: Path, name: str, train: str, test: str) -> tuple[ImageSet, ImageSet]:
-    paths, targets, classes = list_image_folder(base / train)
-    train_set = ImageSet(
-        targets=targets,
-        paths=paths,
-        classes=classes,
-        name=f"{name}/train",
-        meta={"root": str(base), "split": "train"},
-    )
-    paths, targets, _ = list_image_folder(base / test, classes)
-    test_set = ImageSet(
-        targets=targets,
-        paths=paths,
-        classes=classes,
-        name=f"{name}/test",
-        meta={"root": str(base), "split": "test"},
-    )
-    return train_set, test_set
+    classes = None  # the train folder's; the test folder must hold the same
+    sets = []
+    for split, folder in (("train", train), ("test", test)):
+        paths, targets, classes = list_image_folder(base / folder, classes)
+        meta = {"root": str(base), "split": split}
+        sets.append(ImageSet(targets, classes, paths=paths, name=f"{name}/{split}", meta=meta))
+    return sets[0], sets[1]
 
 
 @dataclass(frozen=True)

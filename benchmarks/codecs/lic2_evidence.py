@@ -1,0 +1,432 @@
+"""Evidence for issue 15 (learned image compression II), resumable: every training is a
+`clbench codec train ... --resume` run in its own folder (a finished one is skipped, a
+killed one continues), every Kodak evaluation is a `clbench codec eval` whose results.json
+is kept, and `report` rebuilds the figures from what is on disk.
+
+Parts (run them in this order; `all` runs the three, then `report`):
+
+- ``balanced``: one architecture, ``--seeds`` x ``--lambdas``, ``--steps`` steps each:
+  ``standard`` and ``balanced-rd`` (Solution 1) from scratch; then, from each standard
+  model, ``--ft-steps`` more steps of ``balanced-rd-qp`` (Solution 2) and, as its control,
+  of ``standard``. Kodak BD-rate of each against its own seed's reference curve, mean and
+  spread over seeds; per-step training time from the runs' own logs.
+- ``stdet``: ``stdet-sma`` with the same architecture, seeds, lambdas and steps (the
+  standard runs are shared with ``balanced``): validation steps and training time until it
+  first reaches the standard run's final validation R-D loss, the trainable-parameter
+  count over training, and the final Kodak BD-rate.
+- ``bgvae``: the teacher (``bound=true``, wider), one variable-rate student with bound
+  guidance and one without (equal steps), fixed-rate students (``lmin=lmax``) at the
+  ``--lambdas``, Kodak R-D of the variable-rate models at ``--bg-lambdas`` (>= 5 rates from
+  one model) with JPEG and WebP, the teacher's bound curve, progressive decoding of a
+  partial bitstream, and a check that every Kodak bitstream decodes exactly.
+
+    python benchmarks/codecs/lic2_evidence.py all --data-root /path/to/data --jobs 2
+
+Data: Tiny-ImageNet train (64x64 crops) for training and its val split for validation;
+Kodak (never trained on) for evaluation; all through --data-root / CLBENCH_DATA_ROOT.
+Outputs: results/codecs/lic2/ (runs/ holds the checkpoints and training logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REF = {"balanced-rd": "standard", "stdet-sma": "standard", "balanced-rd-qp": "standard-ft"}
+
+
+def run_cmd(cmd: list[str], log: Path) -> None:
+    """Run one command, its output to ``log``; a failure stops the script with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$ " + shlex.join(cmd), flush=True)
+    with open(log, "a") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc:
+        tail = log.read_text().splitlines()[-5:]
+        sys.exit(f"failed ({rc}): {shlex.join(cmd)}\n" + "\n".join(tail))
+
+
+def complete(run: Path) -> bool:
+    """A finished run (its last checkpoint says so)."""
+    log = run / "train_log.json"
+    if not (run / "last.pth").is_file() or not log.is_file():
+        return False
+    import torch
+
+    meta = torch.load(run / "last.pth", map_location="cpu", weights_only=True)["clbench"]
+    return bool(meta.get("complete"))
+
+
+class Evidence:
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.out = Path(a.out)
+        self.runs = self.out / "runs"
+        self.cli = [sys.executable, "-m", "clbench.codecs.cli"]
+        self.jobs: list[tuple[list[str], Path]] = []
+
+    # -- training ------------------------------------------------------------------------
+    def train(
+        self,
+        run: Path,
+        spec: str,
+        lmbda: float,
+        steps: int,
+        method: str,
+        seed: int,
+        opts: dict[str, Any] | None = None,
+        lr: float | None = None,
+    ) -> None:
+        """Queue one `clbench codec train` run (skipped when complete)."""
+        if complete(run):
+            return
+        a = self.a
+        cmd = [
+            *self.cli, "train", spec, "--train", a.train, "--val", a.val, "--data-root", a.data_root,
+            "--out", str(run), "--lambda", str(lmbda), "--steps", str(steps),
+            "--patch", str(a.patch), "--batch-size", str(a.batch_size), "--lr", str(lr or a.lr),
+            "--schedule", "cosine", "--val-every", str(a.val_every), "--val-images", str(a.val_images),
+            "--ckpt-every", str(a.val_every), "--method", method, "--seed", str(seed),
+            "--threads", str(a.threads), "--no-progress", "--resume",
+        ]  # fmt: skip
+        for k, v in (opts or {}).items():
+            cmd += ["--method-opt", f"{k}={v}"]
+        self.jobs.append((cmd, run.parent / f"{run.name}.log"))
+
+    def flush(self) -> None:
+        """Run the queued trainings, ``--jobs`` at a time."""
+        jobs, self.jobs = self.jobs, []
+        with ThreadPoolExecutor(self.a.jobs) as pool:
+            list(pool.map(lambda j: run_cmd(*j), jobs))
+
+    def folder(self, method: str, seed: int, lmbda: float) -> Path:
+        return self.runs / f"{method}-s{seed}" / f"lambda-{lmbda:g}"
+
+    def balanced(self) -> None:
+        a = self.a
+        for s in a.seeds:
+            for lm in a.lambdas:
+                self.train(self.folder("standard", s, lm), a.arch, lm, a.steps, "standard", s)
+                self.train(self.folder("balanced-rd", s, lm), a.arch, lm, a.steps, "balanced-rd", s)
+        self.flush()
+        name = a.arch.partition(":")[0]
+        for s in a.seeds:
+            for lm in a.lambdas:
+                start = f"{name}:checkpoint={self.folder('standard', s, lm) / 'best.pth'}"
+                # fine-tuning: --ft-steps more steps at --ft-lr (cosine to lr_min), from the
+                # standard model's best weights; its control continues with `standard`
+                for m in ("standard-ft", "balanced-rd-qp"):
+                    method = "standard" if m == "standard-ft" else m
+                    self.train(self.folder(m, s, lm), start, lm, a.ft_steps, method, s, lr=a.ft_lr)
+        self.flush()
+        self.evaluate("balanced", ["standard", "balanced-rd", "standard-ft", "balanced-rd-qp"])
+
+    def stdet(self) -> None:
+        a = self.a
+        for s in a.seeds:
+            for lm in a.lambdas:
+                self.train(self.folder("standard", s, lm), a.arch, lm, a.steps, "standard", s)
+                self.train(self.folder("stdet-sma", s, lm), a.arch, lm, a.steps, "stdet-sma", s)
+        self.flush()
+        self.evaluate("stdet", ["standard", "stdet-sma"])
+
+    def bgvae(self) -> None:
+        a = self.a
+        bg = f"bgvae:pretrained=false,width={a.bg_width}"
+        teacher = self.runs / "bgvae-teacher"
+        self.train(teacher, f"bgvae:pretrained=false,bound=true,width={a.teacher_width}",
+                   a.bg_val_lambda, a.bg_steps, "bgvae", 0)  # fmt: skip
+        self.train(self.runs / "bgvae-plain", bg, a.bg_val_lambda, a.bg_steps, "bgvae", 0)
+        for lm in a.lambdas:
+            self.train(self.runs / f"bgvae-fixed-{lm:g}", f"{bg},lmin={lm},lmax={lm}", lm,
+                       a.fixed_steps, "bgvae", 0)  # fmt: skip
+        self.flush()
+        guided = {"teacher": teacher / "best.pth", "w_feat": a.w_feat, "w_rec": a.w_rec}
+        self.train(self.runs / "bgvae-guided", bg, a.bg_val_lambda, a.bg_steps, "bgvae", 0, guided)
+        self.flush()
+        lams = "[" + ",".join(f"{v:g}" for v in a.bg_lambdas) + "]"
+        curves = {
+            "BG-VAE guided": f"bgvae:checkpoint={self.runs / 'bgvae-guided' / 'best.pth'},lmbda={lams}",
+            "BG-VAE unguided": f"bgvae:checkpoint={self.runs / 'bgvae-plain' / 'best.pth'},lmbda={lams}",
+            "fixed-rate": [
+                f"bgvae:checkpoint={self.runs / f'bgvae-fixed-{lm:g}' / 'best.pth'}"
+                for lm in a.lambdas
+            ],
+            "JPEG": "jpeg:q=[5,10,20,30,40,50,60,70,80,90]",
+            "WebP": "webp:q=[5,10,20,30,40,50,60,70,80,90]",
+        }
+        self.eval_yaml("bgvae", curves, anchor="BG-VAE unguided")
+        self.bgvae_extras()
+
+    # -- evaluation ----------------------------------------------------------------------
+    def eval_yaml(self, part: str, curves: dict[str, Any], anchor: str) -> Path:
+        dest = self.out / f"eval-{part}"
+        if (dest / "results.json").is_file():
+            return dest
+        doc = {"name": f"lic2-{part}", "images": self.a.kodak, "anchor": anchor, "curves": curves}
+        path = self.out / f"eval-{part}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        cmd = [*self.cli, "eval", str(path), "--data-root", self.a.data_root, "--out", str(dest),
+               "--no-complexity", "--no-progress", "--threads", str(self.a.threads)]  # fmt: skip
+        run_cmd(cmd, self.out / f"eval-{part}.log")
+        return dest
+
+    def evaluate(self, part: str, methods: list[str]) -> None:
+        name = self.a.arch.partition(":")[0]
+        curves = {
+            f"{m}-s{s}": [
+                f"{name}:checkpoint={self.folder(m, s, lm) / 'best.pth'}" for lm in self.a.lambdas
+            ]
+            for m in methods
+            for s in self.a.seeds
+        }
+        self.eval_yaml(part, curves, anchor=f"standard-s{self.a.seeds[0]}")
+
+    def bgvae_extras(self) -> None:
+        """Teacher bound curve, progressive decoding, exact decoding: extras.json."""
+        dest = self.out / "eval-bgvae" / "extras.json"
+        if dest.is_file():
+            return
+        import numpy as np
+        import torch
+
+        from clbench.codecs import get_codec
+        from clbench.codecs._io import data_path, find_images
+        from clbench.codecs.bgvae import bound_point, decode_progressive, segment_bytes
+        from clbench.codecs.evaluation.metrics import psnr_rgb
+        from clbench.data import load_rgb
+
+        torch.set_num_threads(self.a.threads)
+        files = find_images(data_path(self.a.kodak, self.a.data_root), "Kodak folder")
+        images = [load_rgb(f) for f in files][: self.a.limit or None]
+        teacher = get_codec(f"bgvae:checkpoint={self.runs / 'bgvae-teacher' / 'best.pth'}").model
+        torch.manual_seed(0)
+        bound = [bound_point(teacher, images, lm) for lm in self.a.bg_lambdas]
+        mid = self.a.bg_lambdas[len(self.a.bg_lambdas) // 2]
+        student = get_codec(
+            f"bgvae:checkpoint={self.runs / 'bgvae-guided' / 'best.pth'},lmbda={mid:g}"
+        )
+        data = student.encode(images)
+        decoded = student.decode(data)
+        exact = 0
+        for img, d in zip(images, decoded, strict=True):
+            x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+            with torch.inference_mode():
+                ref = student.model(x)["x_hat"].clamp(0, 1)
+            exact += int(np.array_equal(d, (ref[0] * 255).round().byte().permute(1, 2, 0).numpy()))
+        progressive = []
+        pixels = sum(im.shape[0] * im.shape[1] for im in images)
+        for k in range(1, student.model.num_latents + 1):
+            part = decode_progressive(student, data, k)
+            kept = sum(sum(segment_bytes(student, b)[:k]) for b in data)
+            psnr = statistics.fmean(psnr_rgb(i, p) for i, p in zip(images, part, strict=True))
+            progressive.append({"segments": k, "bpp_payload": 8 * kept / pixels, "psnr": psnr})
+        out = {
+            "teacher_bound": bound,
+            "progressive": {"lmbda": mid, "points": progressive},
+            "exact_decodes": {"lmbda": mid, "exact": exact, "images": len(images)},
+        }
+        dest.write_text(json.dumps(out, indent=2))
+
+    # -- report --------------------------------------------------------------------------
+    def report(self) -> None:
+        from clbench.codecs.evaluation.bd import bd
+        from clbench.codecs.evaluation.config import Curve
+        from clbench.codecs.evaluation.metrics import get_metric
+
+        col = get_metric("psnr").columns[0]
+        lines = ["# Learned image compression II (issue 15): evidence", ""]
+        lines += ["Every figure below was computed by `benchmarks/codecs/lic2_evidence.py report`",
+                  "from the runs and evaluations in this folder; the commands are in each",
+                  "`runs/*.log`, `eval-*.log` and `eval-*/results.json`.", ""]  # fmt: skip
+        summary: list[dict[str, Any]] = []
+
+        def curves(part: str) -> dict[str, Curve]:
+            res = json.loads((self.out / f"eval-{part}" / "results.json").read_text())
+            return {c["label"]: Curve(c["label"], [], points=c["points"]) for c in res["curves"]}
+
+        def step_time(m: str) -> float:
+            t = []
+            for s in self.a.seeds:
+                for lm in self.a.lambdas:
+                    h = json.loads((self.folder(m, s, lm) / "train_log.json").read_text())[
+                        "history"
+                    ]
+                    t.append(h[-1]["elapsed"] / h[-1]["step"])
+            return statistics.fmean(t)
+
+        def bd_rows(part: str, methods: list[str]) -> None:
+            cs = curves(part)
+            lines.extend(["| method | vs | BD-rate % per seed | mean | std | s/step | x ref |",
+                          "|---|---|---|---:|---:|---:|---:|"])  # fmt: skip
+            for m in methods:
+                ref = REF.get(m, "standard")
+                vals = [
+                    bd(cs[f"{ref}-s{s}"], cs[f"{m}-s{s}"], col)["bd_rate_pct"] for s in self.a.seeds
+                ]
+                ok = [v for v in vals if math.isfinite(v)]  # NaN: the curves do not overlap
+                mean = statistics.fmean(ok) if ok else math.nan
+                std = statistics.stdev(ok) if len(ok) > 1 else math.nan
+                t, tr = step_time(m), step_time(ref)
+                lines.append(
+                    f"| {m} | {ref} | {', '.join(f'{v:+.2f}' for v in vals)} | {mean:+.2f} | "
+                    f"{std:.2f} | {t:.3f} | {t / tr:.2f} |"
+                )
+                summary.append({"part": part, "method": m, "reference": ref, "bd_rate_mean_pct": mean,
+                                "bd_rate_std_pct": std, "bd_rate_per_seed": vals, "s_per_step": t,
+                                "step_time_ratio": t / tr})  # fmt: skip
+            lines.append("")
+
+        if (self.out / "eval-balanced" / "results.json").is_file():
+            lines += ["## Balanced R-D (Kodak BD-rate, PSNR, paired by seed)", ""]
+            bd_rows("balanced", ["balanced-rd", "standard-ft", "balanced-rd-qp"])
+        if (self.out / "eval-stdet" / "results.json").is_file():
+            lines += ["## STDET + SMA", ""]
+            bd_rows("stdet", ["stdet-sma"])
+            lines += ["| seed | lambda | standard final val loss | steps (s) to reach it: standard | stdet-sma | trainable at end |",
+                      "|---|---|---:|---|---|---:|"]  # fmt: skip
+            for s in self.a.seeds:
+                for lm in self.a.lambdas:
+                    hs = json.loads(
+                        (self.folder("standard", s, lm) / "train_log.json").read_text()
+                    )["history"]
+                    ht = json.loads(
+                        (self.folder("stdet-sma", s, lm) / "train_log.json").read_text()
+                    )["history"]
+                    target = hs[-1]["loss"]
+                    hit = next((r for r in ht if r.get("loss", math.inf) <= target), None)
+                    reach = f"{hit['step']} ({hit['elapsed']:.0f})" if hit else "not reached"
+                    frac = ht[-1]["trainable_params"] / ht[0]["trainable_params"]
+                    lines.append(
+                        f"| {s} | {lm:g} | {target:.4f} | {hs[-1]['step']} ({hs[-1]['elapsed']:.0f}) | "
+                        f"{reach} | {100 * frac:.0f}% |"
+                    )
+                    summary.append({"part": "stdet-reach", "seed": s, "lambda": lm, "target": target,
+                                    "standard_steps": hs[-1]["step"], "standard_s": hs[-1]["elapsed"],
+                                    "stdet_steps": hit["step"] if hit else None,
+                                    "stdet_s": hit["elapsed"] if hit else None,
+                                    "trainable": [(r["step"], r["trainable_params"]) for r in ht]})  # fmt: skip
+            lines.append("")
+        if (self.out / "eval-bgvae" / "results.json").is_file():
+            cs = curves("bgvae")
+            lines += ["## BG-VAE (Kodak)", "", "| curve | points (bpp / PSNR dB) | BD-rate % vs unguided |",
+                      "|---|---|---:|"]  # fmt: skip
+            for label, c in cs.items():
+                b = bd(cs["BG-VAE unguided"], c, col)["bd_rate_pct"]
+                pts = ", ".join(f"{p['bpp']:.3f}/{p['psnr']:.2f}" for p in c.points)
+                lines.append(f"| {label} | {pts} | {b:+.2f} |")
+                summary.append({"part": "bgvae", "curve": label, "bd_rate_vs_unguided_pct": b,
+                                "points": [(p["bpp"], p["psnr"]) for p in c.points]})  # fmt: skip
+            ex = self.out / "eval-bgvae" / "extras.json"
+            if ex.is_file():
+                e = json.loads(ex.read_text())
+                pts = ", ".join(f"{p['bpp']:.3f}/{p['psnr']:.2f}" for p in e["teacher_bound"])
+                prog = ", ".join(
+                    f"{p['segments']}: {p['bpp_payload']:.3f}/{p['psnr']:.2f}"
+                    for p in e["progressive"]["points"]
+                )
+                x = e["exact_decodes"]
+                lines += ["", f"Teacher bound (KL bpp / PSNR of its sampled reconstruction): {pts}", "",
+                          f"Progressive decoding at lambda {e['progressive']['lmbda']:g} (segments: bpp / PSNR): {prog}", "",
+                          f"Exact decoding: {x['exact']} of {x['images']} Kodak bitstreams decode to the forward pass's quantised reconstruction."]  # fmt: skip
+                summary.append({"part": "bgvae-extras", **e})
+            self.plot_bgvae(cs)
+        (self.out / "README.md").write_text("\n".join(lines) + "\n")
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print("\n".join(lines))
+
+    def plot_bgvae(self, cs: dict[str, Any]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for label, c in cs.items():
+            ax.plot([p["bpp"] for p in c.points], [p["psnr"] for p in c.points], "o-", label=label)
+        ex = self.out / "eval-bgvae" / "extras.json"
+        if ex.is_file():
+            e = json.loads(ex.read_text())
+            b = e["teacher_bound"]
+            ax.plot([p["bpp"] for p in b], [p["psnr"] for p in b], "k--", label="teacher (bound)")
+            pr = e["progressive"]["points"]
+            ax.plot(
+                [p["bpp_payload"] for p in pr], [p["psnr"] for p in pr], "x:", label="progressive"
+            )
+        ax.set_xlabel("bpp")
+        ax.set_ylabel("PSNR RGB (dB)")
+        ax.set_title("Kodak: BG-VAE")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.out / "bgvae_rd.png", dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("part", choices=["balanced", "stdet", "bgvae", "all", "report"])
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", default="results/codecs/lic2")
+    p.add_argument("--train", default="tiny-imagenet-200/train")
+    p.add_argument("--val", default="tiny-imagenet-200/val")
+    p.add_argument("--kodak", default="kodak")
+    p.add_argument(
+        "--arch", default="eff-lic:pretrained=false,transform=conv,context=hyperprior,N=64,M=96"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.0035, 0.0067, 0.013, 0.025])
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=3000,
+        help="steps of every from-scratch run (the per-run budget)",
+    )
+    p.add_argument(
+        "--ft-steps", type=int, default=600, help="fine-tuning steps (Solution 2 and its control)"
+    )
+    p.add_argument("--ft-lr", type=float, default=1e-4, help="learning rate of fine-tuning")
+    p.add_argument("--patch", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--val-every", type=int, default=200)
+    p.add_argument("--val-images", type=int, default=256)
+    p.add_argument("--bg-width", type=int, default=64)
+    p.add_argument("--teacher-width", type=int, default=96)
+    p.add_argument("--bg-steps", type=int, default=6000, help="steps of each variable-rate run")
+    p.add_argument(
+        "--fixed-steps", type=int, default=3000, help="steps of each fixed-rate bgvae run"
+    )
+    p.add_argument("--bg-val-lambda", type=float, default=0.013)
+    p.add_argument(
+        "--bg-lambdas", type=float, nargs="+", default=[0.0025, 0.005, 0.01, 0.02, 0.04, 0.08]
+    )
+    p.add_argument("--w-feat", type=float, default=1.0)
+    p.add_argument("--w-rec", type=float, default=0.1)
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at once (1 thread each)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--limit", type=int, default=0, help="only the first N Kodak images (extras)")
+    a = p.parse_args()
+    from clbench.data import resolve_data_root
+
+    a.data_root = str(resolve_data_root(a.data_root))
+    ev = Evidence(a)
+    parts = ["balanced", "stdet", "bgvae"] if a.part == "all" else [a.part]
+    for part in parts:
+        if part != "report":
+            getattr(ev, part)()
+    ev.report()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""The efficient-LIC study of issue 14 as one resumable driver.
+
+    python benchmarks/codecs/lic_study.py --data-root /path/to/data            # everything
+    python benchmarks/codecs/lic_study.py --data-root /path/to/data --dry-run  # the commands
+
+Phases, in order; each is skipped when its outputs exist, and a killed training resumes
+bit-identically (every training command runs with ``--resume``), so the same command
+continues an interrupted study:
+
+1. ``grid``: every transform x context of ``lic_study.yaml`` (3 x 3), one λ, the same
+   training-time budget each (``--grid-minutes``).
+2. ``grid-eval``: Kodak R-D of the grid (one point each) with complexity (parameters,
+   encoder/decoder kMACs per pixel, latency), against JPEG; the grid is ranked by the
+   rate saving against JPEG at each model's PSNR (JPEG's rate interpolated in log-bpp).
+3. ``final``: the ``--best`` models (or ``--final SPEC ...``) at the four final λ, one
+   command each (``--final-minutes`` per λ).
+4. ``final-eval``: Kodak R-D of the final curves against JPEG, WebP, AVIF and the published
+   anchors: BD-rates, R-D plot and the Pareto plot of BD-rate against decoder kMACs/pixel
+   (the evaluation wing, ``clbench codec eval``).
+5. ``report``: ``RESULTS/README.md``: grid table, training curves, the commands as run.
+
+Runs go to ``--runs`` (weights stay there: 15-25 MB each), results to ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_settings(argv: list[str] | None = None) -> argparse.Namespace:
+    cfg = yaml.safe_load((HERE / "lic_study.yaml").read_text())
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=os.environ.get("CLBENCH_DATA_ROOT"))
+    p.add_argument("--runs", default="runs/lic-study", help="training run folders")
+    p.add_argument("--results", default="results/codecs/lic-study", help="reports")
+    p.add_argument("--transforms", nargs="+", default=cfg["transforms"])
+    p.add_argument("--contexts", nargs="+", default=cfg["contexts"])
+    p.add_argument("--N", type=int, default=cfg["N"])
+    p.add_argument("--M", type=int, default=cfg["M"])
+    p.add_argument("--grid-lambda", type=float, default=cfg["grid_lambda"])
+    p.add_argument("--grid-minutes", type=float, default=cfg["grid_minutes"])
+    p.add_argument("--best", type=int, default=cfg["best"])
+    p.add_argument("--final", nargs="+", metavar="SPEC", help="final architectures (skip ranking)")
+    p.add_argument("--final-lambdas", nargs="+", type=float, default=cfg["final_lambdas"])
+    p.add_argument("--final-minutes", type=float, default=cfg["final_minutes"])
+    p.add_argument("--threads", type=int, default=cfg["threads"])
+    p.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training option of the recipe (e.g. lr=3e-4)",
+    )
+    p.add_argument(
+        "--phases",
+        nargs="+",
+        default=["grid", "grid-eval", "final", "final-eval", "report"],
+        choices=["grid", "grid-eval", "final", "final-eval", "report"],
+    )
+    p.add_argument("--limit", type=int, help="evaluate only the first N Kodak images (checks)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    a = p.parse_args(argv)
+    if not a.data_root:
+        p.error("pass --data-root or set CLBENCH_DATA_ROOT")
+    a.recipe_opts = dict(cfg["recipe"])
+    for item in a.recipe:
+        key, _, val = item.partition("=")
+        a.recipe_opts[key.strip().replace("_", "-")] = yaml.safe_load(val)
+    a.data, a.classic = cfg["data"], cfg["classic"]
+    a.runs, a.results = Path(a.runs), Path(a.results)
+    return a
+
+
+def arch(transform: str, context: str, a: argparse.Namespace) -> str:
+    return f"eff-lic:transform={transform},context={context},N={a.N},M={a.M}"
+
+
+def label(spec: str) -> str:
+    """``eff-lic:transform=convnext,context=channel,...`` -> ``convnext-channel``."""
+    opts = dict(kv.split("=", 1) for kv in spec.partition(":")[2].split(","))
+    return f"{opts['transform']}-{opts['context']}"
+
+
+class Study:
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.log = a.results / "commands.md"
+
+    # -- running commands ---------------------------------------------------------------
+    def run(self, args: list[str], why: str) -> None:
+        cmd = ["clbench", *args]
+        text = shlex.join(cmd)
+        print(f"\n# {why}\n{text}", flush=True)
+        if self.a.dry_run:
+            return
+        self.a.results.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as f:
+            f.write(f"\n- {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {why}:\n\n")
+            f.write(f"  ```bash\n  {text}\n  ```\n")
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.a.threads)}
+        res = subprocess.run([sys.executable, "-m", "clbench", *args], env=env)
+        if res.returncode:
+            sys.exit(
+                f"lic_study: this command failed (exit {res.returncode}); fix it and rerun: {text}"
+            )
+
+    def train(self, spec: str, lambdas: list[float], minutes: float, out: Path, why: str) -> None:
+        a = self.a
+        args = ["codec", "train", spec, "--data-root", a.data_root]
+        args += ["--train", a.data["train"], "--val", a.data["val"], "--out", str(out)]
+        args += ["--lambda", *(f"{lm:g}" for lm in lambdas), "--minutes", f"{minutes:g}"]
+        args += ["--threads", str(a.threads), "--resume", "--no-progress"]
+        for k, v in a.recipe_opts.items():
+            if isinstance(v, bool):  # a flag (--mosaic)
+                args += [f"--{k}"] if v else []
+            else:
+                args += [f"--{k}", str(v)]
+        self.run(args, why)
+
+    def evaluate(self, name: str, curves: dict[str, Any], anchors: list[str], why: str) -> None:
+        """Write the benchmark YAML beside its results, then ``clbench codec eval`` it."""
+        a = self.a
+        bench = {
+            "name": f"lic-study-{name}",
+            "description": why,
+            "images": a.data["kodak"],
+            "anchor": anchors,
+            "anchors": a.data["anchors"],
+            "curves": curves,
+        }
+        path = a.results / f"{name}.yaml"
+        if not a.dry_run:
+            from clbench.atomic import write_text_atomic
+
+            write_text_atomic(path, yaml.safe_dump(bench, sort_keys=False, width=200))
+        args = [
+            "codec",
+            "eval",
+            str(path),
+            "--data-root",
+            a.data_root,
+            "--out",
+            str(a.results / name),
+        ]
+        args += ["--threads", str(a.threads), "--no-progress"]
+        args += ["--limit", str(a.limit)] if a.limit else []
+        self.run(args, why)
+
+    # -- phases -------------------------------------------------------------------------
+    def grid_specs(self) -> list[str]:
+        return [arch(t, c, self.a) for t in self.a.transforms for c in self.a.contexts]
+
+    def grid_ckpt(self, spec: str) -> Path:
+        return self.a.runs / "grid" / label(spec) / "best.pth"
+
+    def grid(self) -> None:
+        a = self.a
+        for spec in self.grid_specs():
+            why = f"grid: {label(spec)} at lambda {a.grid_lambda:g}, {a.grid_minutes:g} min"
+            self.train(spec, [a.grid_lambda], a.grid_minutes, a.runs / "grid" / label(spec), why)
+
+    def grid_eval(self) -> None:
+        out = self.a.results / "grid"
+        if self._fresh(out / "results.json", [self.grid_ckpt(s) for s in self.grid_specs()]):
+            print(f"\n# grid-eval: {out} is up to date")
+            return
+        curves = {label(s): f"eff-lic:checkpoint={self.grid_ckpt(s)}" for s in self.grid_specs()}
+        curves["JPEG"] = self.a.classic["JPEG"]
+        self.evaluate("grid", curves, ["JPEG"], "grid-eval: Kodak, one point per grid model")
+
+    def ranking(self) -> list[dict[str, Any]]:
+        """Grid models by rate saving against JPEG at their own PSNR (best first)."""
+        res = json.loads((self.a.results / "grid" / "results.json").read_text())
+        jpeg = next(c for c in res["curves"] if c["label"] == "JPEG")["points"]
+        jp = sorted((p["psnr"], math.log(p["bpp"])) for p in jpeg)
+        rows = []
+        for spec in self.grid_specs():
+            c = next((c for c in res["curves"] if c["label"] == label(spec)), None)
+            if c is None or not c["points"]:
+                continue
+            pt = c["points"][0]
+            inside = jp[0][0] <= pt["psnr"] <= jp[-1][0]
+            jpeg_bpp = math.exp(np.interp(pt["psnr"], *zip(*jp, strict=True)))
+            rows.append(
+                {
+                    "label": label(spec),
+                    "spec": spec,
+                    "bpp": pt["bpp"],
+                    "psnr": pt["psnr"],
+                    "saving_vs_jpeg_pct": 100 * (pt["bpp"] / jpeg_bpp - 1) if inside else math.nan,
+                    **{k: pt.get(k) for k in ("params", "enc_kmacs_px", "dec_kmacs_px")},
+                    **{k: pt.get(k) for k in ("enc_latency_ms", "dec_latency_ms")},
+                }
+            )
+        return sorted(
+            rows, key=lambda r: (math.isnan(r["saving_vs_jpeg_pct"]), r["saving_vs_jpeg_pct"])
+        )
+
+    def final_specs(self) -> list[str]:
+        if self.a.final:
+            return self.a.final
+        if self.a.dry_run and not (self.a.results / "grid" / "results.json").is_file():
+            return ["<best grid model 1>", "<best grid model 2>"][: self.a.best]
+        return [r["spec"] for r in self.ranking()[: self.a.best]]
+
+    def final_dir(self, spec: str) -> Path:
+        return self.a.runs / "final" / (label(spec) if spec.startswith("eff-lic:") else spec)
+
+    def final_ckpts(self, spec: str) -> list[Path]:
+        lams = self.a.final_lambdas
+        d = self.final_dir(spec)
+        return (
+            [d / "best.pth"]
+            if len(lams) == 1
+            else [d / f"lambda-{lm:g}" / "best.pth" for lm in lams]
+        )
+
+    def final(self) -> None:
+        a = self.a
+        for spec in self.final_specs():
+            why = f"final: {spec} at {len(a.final_lambdas)} lambdas, {a.final_minutes:g} min each"
+            self.train(spec, a.final_lambdas, a.final_minutes, self.final_dir(spec), why)
+
+    def final_eval(self) -> None:
+        out = self.a.results / "final"
+        specs = self.final_specs()
+        ckpts = [c for s in specs for c in self.final_ckpts(s)]
+        if self._fresh(out / "results.json", ckpts):
+            print(f"\n# final-eval: {out} is up to date")
+            return
+        curves: dict[str, Any] = {
+            label(s) if s.startswith("eff-lic:") else s: [
+                f"{s.partition(':')[0]}:checkpoint={c}" for c in self.final_ckpts(s)
+            ]
+            for s in specs
+        }
+        curves.update(self.a.classic)
+        self.evaluate("final", curves, ["JPEG", "WebP"], "final-eval: Kodak R-D, BD-rates, Pareto")
+
+    def report(self) -> None:
+        from clbench.atomic import write_bytes_atomic, write_text_atomic
+        from clbench.plots import curves_png
+
+        a = self.a
+        lines = [
+            "# The efficient-LIC study (issue 14)",
+            "",
+            "Written by `benchmarks/codecs/lic_study.py` (the commands it ran, with times, are in",
+            "[commands.md](commands.md)). Training data: Tiny-ImageNet train (64x64); Kodak is never",
+            "trained on nor used to choose a model (validation: Tiny-ImageNet val).",
+            "",
+            f"Recipe: {', '.join(f'--{k} {v}' for k, v in a.recipe_opts.items())}; {a.threads} threads.",
+            "",
+        ]
+        if (a.results / "grid" / "results.json").is_file():
+            lines += [
+                f"## Grid: {len(self.grid_specs())} models, lambda {a.grid_lambda:g}, {a.grid_minutes:g} min each",
+                "",
+                "Rate saving vs JPEG: the model's bpp against JPEG's at the same PSNR on Kodak",
+                "(JPEG interpolated linearly in log-bpp); a one-point BD-rate. Full report:",
+                "[grid/report.md](grid/report.md).",
+                "",
+                "| model | params | enc kMACs/px | dec kMACs/px | Kodak bpp | PSNR dB | saving vs JPEG | steps | val loss |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for r in self.ranking():
+                log = self._log(a.runs / "grid" / r["label"])
+                last = log[-1] if log else {}
+                lines.append(
+                    f"| {r['label']} | {_f(r['params'], 0)} | {_f(r['enc_kmacs_px'], 1)} | "
+                    f"{_f(r['dec_kmacs_px'], 1)} | {r['bpp']:.4f} | {r['psnr']:.2f} | "
+                    f"{_f(r['saving_vs_jpeg_pct'], 1)} % | {last.get('step', '')} | {_f(last.get('loss'), 4)} |"
+                )
+            lines.append("")
+        if (a.results / "final" / "results.json").is_file():
+            lines += [
+                f"## Final: {', '.join(self.final_specs())} at lambda {', '.join(f'{x:g}' for x in a.final_lambdas)}",
+                "",
+                f"{a.final_minutes:g} training minutes per lambda. BD-rates (against JPEG and WebP), the R-D",
+                "plot with the published anchors, and the Pareto plot of BD-rate against decoder",
+                "kMACs/pixel: [final/report.md](final/report.md).",
+                "",
+            ]
+        curves: dict[str, tuple[list[float], list[float]]] = {}
+        for run_dir in sorted(a.runs.glob("*/*")) + sorted(a.runs.glob("final/*/lambda-*")):
+            log = [r for r in self._log(run_dir) if "psnr" in r]
+            if log:
+                name = str(run_dir.relative_to(a.runs))
+                curves[name] = ([r["step"] for r in log], [r["psnr"] for r in log])
+        if curves and not a.dry_run:
+            png = curves_png(
+                curves,
+                xlabel="step",
+                ylabel="validation PSNR (dB)",
+                title="Training curves (Tiny-ImageNet val)",
+            )
+            write_bytes_atomic(a.results / "training_curves.png", png)
+            lines += ["## Training curves", "", "![validation PSNR](training_curves.png)", ""]
+        if a.dry_run:
+            print("\n".join(lines))
+            return
+        write_text_atomic(a.results / "README.md", "\n".join(lines))
+        print(f"\n# report: {a.results / 'README.md'}")
+
+    # -- helpers ------------------------------------------------------------------------
+    @staticmethod
+    def _log(run_dir: Path) -> list[dict[str, Any]]:
+        f = run_dir / "train_log.json"
+        return json.loads(f.read_text())["history"] if f.is_file() else []
+
+    @staticmethod
+    def _fresh(out: Path, inputs: list[Path]) -> bool:
+        """``out`` exists and is newer than every input (which all exist)."""
+        if not out.is_file() or not all(p.is_file() for p in inputs):
+            return False
+        return all(out.stat().st_mtime > p.stat().st_mtime for p in inputs)
+
+
+def _f(v: Any, nd: int) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:,.{nd}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = load_settings(argv)
+    study = Study(a)
+    phases = {
+        "grid": study.grid,
+        "grid-eval": study.grid_eval,
+        "final": study.final,
+        "final-eval": study.final_eval,
+        "report": study.report,
+    }
+    for name in a.phases:
+        phases[name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

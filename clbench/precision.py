@@ -1,0 +1,71 @@
+"""Precision from the machine: which autocast dtype ``train.amp: auto`` means here.
+
+bf16 autocast pays only where the hardware multiplies bf16 matrices natively. On CPUs with
+AVX512-BF16 or AMX it did: bf16 matrix products ran about 4.7x faster than fp32; on AVX2-only
+CPUs bf16 ran 7-30x slower, because oneDNN then emulates it (both in
+``results/perf/amp_cpu.json``, from ``benchmarks/perf/amp_cpu.py``). So the choice is read
+from the CPU's capabilities, never kept as a constant.
+
+``torch.cpu.get_capabilities()`` (cpuinfo; a torch without it reads as no flags, i.e. fp32)
+reports the flags. We do not use
+``torch.ops.mkldnn._is_mkldnn_bf16_supported()``: it is true on any AVX512 CPU, where bf16
+is emulated. Arm's BF16 extension also multiplies bf16 natively, but we have not measured
+torch on it, so Arm CPUs stay fp32 until someone does.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from clbench.provenance import cpu_info
+
+# x86 flags (torch.cpu.get_capabilities names) with native bf16 matrix instructions.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# Flags worth naming in a performance result: what decides the speed of fp32 and bf16.
+REPORTED_FLAGS = ("avx2", "avx512_f", "avx512_bf16", "amx_tile", "amx_bf16", "avx512_fp16")
+
+
+def cpu_capabilities() -> Mapping[str, Any]:
+    """torch's view of this CPU's instruction sets (empty where torch cannot tell)."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    try:
+        return get() if get is not None else {}
+    except RuntimeError:  # cpuinfo could not initialise (exotic platforms)
+        return {}
+
+
+def cpu_has_native_bf16(caps: Mapping[str, Any] | None = None) -> bool:
+    """True when the CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16)."""
+    caps = cpu_capabilities() if caps is None else caps
+    return any(bool(caps.get(flag)) for flag in NATIVE_BF16_FLAGS)
+
+
+def auto_amp_dtype(
+    device: torch.device, caps: Mapping[str, Any] | None = None
+) -> torch.dtype | None:
+    """The autocast dtype for ``amp: auto``: bf16 on CUDA and on CPUs with native bf16
+    matrix products, else None (fp32). ``caps`` overrides the detected CPU flags (tests)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_native_bf16(caps):
+        return torch.bfloat16
+    return None
+
+
+def cpu_description() -> dict[str, Any]:
+    """Which CPU a measurement ran on: model name, the precision-relevant flags, core count
+    and the dtype ``amp: auto`` picks here. Every perf result file carries this."""
+    caps = cpu_capabilities()
+    auto = auto_amp_dtype(torch.device("cpu"), caps)
+    return {
+        "model": cpu_info()["model"],
+        "architecture": caps.get("architecture", platform.machine()),
+        "flags": [f for f in REPORTED_FLAGS if caps.get(f)],
+        "logical_cores": caps.get("num_logical_cores"),
+        "native_bf16": cpu_has_native_bf16(caps),
+        "amp_auto": "bf16" if auto is torch.bfloat16 else "fp32",
+    }

@@ -1,0 +1,281 @@
+"""``clbench codec eval``: check everything, measure, analyse, write one group of files.
+
+Order: the configuration, metrics, published anchors and every codec are built and the
+items loaded BEFORE any coding, so a bad spec, missing weights or a missing folder fails
+in seconds with one line and nothing written. Outputs (written together, atomically)::
+
+    per_image.csv  summary.csv  results.json  rd.png  report.md  report.html
+    per_frame.csv (clips)  rd_<metric>.png (further BD metrics)  pareto.png (learned codecs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from clbench.atomic import write_group_atomic
+from clbench.codecs._io import data_path
+from clbench.codecs.evaluation import bd as bdm
+from clbench.codecs.evaluation import report
+from clbench.codecs.evaluation.complexity import complexity
+from clbench.codecs.evaluation.config import (
+    Benchmark,
+    Curve,
+    check,
+    curve_from_cli,
+    load_benchmark,
+    load_published,
+    to_dict,
+)
+from clbench.codecs.evaluation.measure import measure
+from clbench.codecs.evaluation.metrics import Column, ItemSet, get_metric
+from clbench.codecs.evaluation.sources import load_items
+from clbench.codecs.registry import get_codec
+from clbench.errors import ClbenchError
+
+# Distributions behind the codecs, reported beside the provenance's core packages.
+CODEC_PACKAGES = ("pillow", "pillow-jxl-plugin", "bjontegaard", "pytorch-msssim")
+PIL_FEATURES = ("libjpeg_turbo", "webp", "avif", "jpg_2000")
+
+
+def environment(command: str) -> dict[str, Any]:
+    """The shared provenance plus the codec libraries Pillow was built with, and a summary."""
+    from PIL import features
+
+    from clbench.provenance import provenance
+
+    env = provenance(command=command, packages=CODEC_PACKAGES)
+    libs: dict[str, str | None] = {}
+    for feat in PIL_FEATURES:
+        try:
+            libs[feat] = features.version(feat)
+        except (ValueError, KeyError):
+            libs[feat] = None
+    env["codec_libraries"] = libs
+    versions = {**env["packages"], **libs}
+    git = (env.get("git_commit") or "unknown")[:12] + (" (dirty)" if env.get("git_dirty") else "")
+    env["summary"] = ", ".join(
+        [f"python {env['python']}"]
+        + [f"{k} {v}" for k, v in versions.items() if v is not None and k != "clbench"]
+        + [f"torch_threads {env['threads']}", f"CPU {env['cpu']['model']}", f"git {git}"]
+    )
+    return env
+
+
+def _bd_columns(bench: Benchmark, columns: list[Column]) -> list[Column]:
+    by_key = {c.key: c for c in columns}
+    keys = bench.bd if bench.bd else [columns[0].key]
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise ClbenchError(
+            f"benchmark {bench.name}: bd column {missing[0]!r} is not measured; measured: {', '.join(by_key)}"
+        )
+    return [by_key[k] for k in keys]
+
+
+def _latency_image(items: ItemSet, size: list[int]) -> tuple[Any, str]:
+    """The first item of the latency size (a Kodak image), else a synthetic one."""
+    for it in items.items:
+        if list(it.frames[0].shape[:2]) == list(size):
+            return it.frames[0], it.name
+    return None, ""
+
+
+def run(
+    bench: Benchmark,
+    out: Path,
+    data_root: str | None = None,
+    anchors_dir: str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Evaluate a benchmark and write its outputs to ``out``; returns the results dict."""
+    where = f"benchmark {bench.name}"
+    check(bench, where)
+    labels = [c.label for c in bench.curves]
+    if len(set(labels)) != len(labels):
+        raise ClbenchError(f"{where}: curve labels must be unique ({labels})")
+    metrics = [get_metric(s) for s in bench.metrics]
+    columns = [c for m in metrics for c in m.columns]
+    bd_cols = _bd_columns(bench, columns)
+    anchors_dir = anchors_dir or bench.anchors
+    published = load_published(data_path(anchors_dir, data_root), columns) if anchors_dir else []
+    by_label = {c.label: c for c in bench.curves} | {c.label: c for c in published}
+    anchor_labels = [bench.anchor] if isinstance(bench.anchor, str) else list(bench.anchor or [])
+    for a in anchor_labels:
+        if a not in by_label:
+            raise ClbenchError(
+                f"{where}: anchor {a!r} is not a curve; curves: {', '.join(by_label)}"
+            )
+    for comp in bench.compare:
+        for key in ("curve", "published"):
+            if getattr(comp, key) not in by_label:
+                raise ClbenchError(
+                    f"{where}: compare {key} {getattr(comp, key)!r} is not a curve; curves: {', '.join(by_label)}"
+                )
+    # Every codec before any long work: a bad spec or missing weights fails at once.
+    codecs = {s: get_codec(s) for c in bench.curves for s in c.specs}
+    items = load_items(bench.source, bench.images, data_root, limit, bench.source_options)
+    for m in metrics:
+        m.prepare(items)
+    reference = {k: v for m in metrics for k, v in m.reference(items).items()}
+
+    rows, frame_rows = measure(bench.curves, codecs, items, metrics, progress)
+
+    setup = None
+    cx = bench.complexity
+    if cx.enabled:
+        image, name = _latency_image(items, cx.latency_size)
+        for c in bench.curves:
+            for spec, point in zip(c.specs, c.points, strict=True):
+                got = complexity(
+                    codecs[spec],
+                    cx.size,
+                    latency_size=cx.latency_size,
+                    latency_image=image,
+                    latency_input=name,
+                    repeats=cx.repeats,
+                )
+                point.update({k: got[k] for k in report.COMPLEXITY_KEYS})
+                setup = {
+                    "size": got["macs_size"],
+                    "latency_size": got["latency_size"],
+                    "latency_input": got["latency_input"],
+                    "repeats": cx.repeats,
+                    "threads": got["threads"],
+                }
+
+    bd_rows = [
+        bdm.bd(by_label[a], c, col, bench.bd_method)
+        for a in anchor_labels
+        for col in bd_cols
+        for c in [*bench.curves, *published]
+        if c is not by_label[a] and not all(p.get("lossless") for p in c.points)
+    ]
+    key = bd_cols[0].key
+    compares = []
+    for comp in bench.compare:
+        ours, theirs = by_label[comp.curve], by_label[comp.published]
+        pts = bdm.pointwise(ours, theirs, key)
+        compares.append(
+            {
+                "curve": comp.curve,
+                "published": comp.published,
+                "metric": key,
+                "points": pts,
+                "max_abs_d_bpp": max(abs(r["d_bpp"]) for r in pts),
+                f"max_abs_d_{key}": max(abs(r[f"d_{key}"]) for r in pts),
+                "bd": bdm.bd(theirs, ours, bd_cols[0], bench.bd_method),
+            }
+        )
+    meta = {
+        "benchmark": bench.name,
+        "command": command,
+        "images": {
+            "folder": items.where,
+            "count": len(items.items),
+            "files": [it.name for it in items.items],
+        },
+        "environment": environment(command),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "reference": reference,
+        "complexity": setup,
+    }
+    results = {
+        **meta,
+        "config": to_dict(bench),
+        "metrics": [c.key for c in columns],
+        "curves": [report.curve_json(c, columns) for c in bench.curves],
+        "bd_rate": bd_rows,
+        "compare": compares,
+        "published": [c.label for c in published],
+    }
+
+    pngs: dict[str, bytes] = {}
+    n = len(items.items)
+    for k, col in enumerate(bd_cols):
+        title = f"{bench.name}: {n} items" + ("" if k == 0 else f" ({col.short})")
+        pngs["rd.png" if k == 0 else f"rd_{col.key}.png"] = report.rd_png(
+            bench.curves, published, col, title
+        )
+    if setup and anchor_labels:
+        pareto = report.pareto_png(bench.curves, bd_rows, anchor_labels[0], bd_cols[0].key)
+        if pareto is not None:
+            pngs["pareto.png"] = pareto
+    blocks = report.report_blocks(bench, columns, bd_rows, compares, meta, list(pngs))
+    md, page = report.render(blocks, pngs, f"Codec evaluation: {bench.name}")
+    summary = [{"curve": c.label, **p} for c in bench.curves for p in c.points]
+    files = {
+        "per_image.csv": report.csv_text(rows).encode(),
+        "summary.csv": report.csv_text(summary).encode(),
+        "results.json": report.results_json(results),
+        **pngs,
+        "report.md": md.encode(),
+        "report.html": page.encode(),
+    }
+    if frame_rows:
+        files["per_frame.csv"] = report.csv_text(frame_rows).encode()
+    out = Path(out)
+    write_group_atomic(out, {out / name: data for name, data in files.items()})
+    return results
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """``clbench codec eval`` (see cli.py for the options)."""
+    if args.benchmark:
+        bench = load_benchmark(args.benchmark)
+        if args.codec:
+            bench.curves = [curve_from_cli(c) for c in args.codec]
+    else:
+        if not args.codec or not args.images:
+            raise ClbenchError(
+                "codec eval: name a benchmark YAML, or give --images and at least one --codec SPEC"
+            )
+        bench = Benchmark(
+            name=Path(args.images).name,
+            images=args.images,
+            curves=[curve_from_cli(c) for c in args.codec],
+        )
+    if args.images:
+        bench.images = args.images
+    if args.anchor:
+        bench.anchor = args.anchor  # a list: --anchor is repeatable
+    if args.metric:
+        bench.metrics = list(args.metric)
+    if args.no_complexity:
+        bench.complexity.enabled = False
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else Path("results") / "codecs" / bench.name
+    command = (
+        shlex.join(["clbench", "codec", "eval", *sys.argv[sys.argv.index("eval") + 1 :]])
+        if "eval" in sys.argv
+        else ""
+    )
+    res = run(bench, out, args.data_root, args.anchors, args.limit, not args.no_progress, command)
+    key = res["metrics"][0]
+    for c in res["curves"]:
+        pts = ", ".join(f"{p['bpp']:.3f} bpp/{p[key]:.2f} {key}" for p in c["points"][:4])
+        print(f"{c['label']}: {pts}{' ...' if len(c['points']) > 4 else ''}")
+    for r in res["bd_rate"]:
+        print(
+            f"BD-rate {r['curve']} vs {r['anchor']} ({r['metric']}): {report.fmt(r['bd_rate_pct'], 2)} %"
+        )
+    for comp in res["compare"]:
+        k = comp["metric"]
+        print(
+            f"{comp['curve']} vs published {comp['published']}: max |dbpp| {comp['max_abs_d_bpp']:.5f}, "
+            f"max |d{k}| {comp[f'max_abs_d_{k}']:.3f}, BD-rate {report.fmt(comp['bd']['bd_rate_pct'], 3)} %"
+        )
+    print(f"wrote {out}/report.md, report.html, summary.csv, per_image.csv, results.json, rd.png")
+    return 0
+
+
+__all__ = ["Benchmark", "Curve", "environment", "run", "run_eval_command"]
