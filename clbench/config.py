@@ -183,24 +183,38 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def find_benchmark(name_or_path: str) -> Path:
-    """A benchmark name (``digits``) resolves to ``benchmarks/<name>.yaml``; a path is used as is."""
+def find_shipped_yaml(
+    name_or_path: str, folder: Path, kind: str, listed: str, *, existing_is_path: bool = True
+) -> Path:
+    """A YAML file named by path, or by name in ``folder`` (``digits`` -> ``folder/digits.yaml``).
+
+    A ``.yaml``/``.yml`` suffix (or, with ``existing_is_path``, any existing path) means a
+    path; an unknown name is one error that suggests the closest name and lists ``listed``
+    (e.g. "valid benchmarks") from ``folder``."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml"):
+    if p.suffix in (".yaml", ".yml") or (existing_is_path and p.exists()):
         if p.is_dir():
-            raise ConfigError(f"benchmark file {p} is a folder; pass a .yaml file")
+            raise ConfigError(f"{kind} file {p} is a folder; pass a .yaml file")
         if not p.is_file():
-            raise ConfigError(f"benchmark file {p} does not exist")
+            raise ConfigError(f"{kind} file {p} does not exist")
         return p
-    cand = BENCHMARKS_DIR / f"{name_or_path}.yaml"
+    cand = folder / f"{name_or_path}.yaml"
     if cand.is_file():
         return cand
-    names = sorted(q.stem for q in BENCHMARKS_DIR.glob("*.yaml"))
+    names = sorted(q.stem for q in folder.glob("*.yaml"))
     close = difflib.get_close_matches(name_or_path, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(
-        f"unknown benchmark {name_or_path!r}{hint}; valid benchmarks: {', '.join(names)} "
+        f"unknown {kind} {name_or_path!r}{hint}; {listed}: {', '.join(names) or 'none'} "
         "(or pass a path to a .yaml file)"
+    )
+
+
+def find_benchmark(name_or_path: str) -> Path:
+    """A benchmark name (``digits``) resolves to ``benchmarks/<name>.yaml``; a path is used as is."""
+    # only a .yaml suffix makes a path: a folder in the cwd must not shadow a benchmark name
+    return find_shipped_yaml(
+        name_or_path, BENCHMARKS_DIR, "benchmark", "valid benchmarks", existing_is_path=False
     )
 
 

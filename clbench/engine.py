@@ -46,6 +46,14 @@ class NonFiniteLossError(ClbenchError):
     """The loss became NaN/inf."""
 
 
+def resolved_amp(amp: str, device: torch.device) -> str:
+    """``train.amp`` with ``auto`` replaced by the concrete setting it means on ``device``."""
+    if amp != "auto":
+        return amp
+    dtype = auto_amp_dtype(device)
+    return next(k for k, v in AMP_DTYPES.items() if v is dtype)
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.amp``; ``auto`` asks ``clbench.precision`` (bf16 on CUDA
     and on CPUs that run bf16 matrix products natively, else full precision)."""

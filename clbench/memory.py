@@ -52,11 +52,25 @@ def parse_bytes(value: int | str | None) -> int | None:
 class ExemplarCodec(Protocol):
     """What the buffer needs of a ``clbench.codecs.Codec`` (named here, not imported)."""
 
+    kind: str  # "image" (decodes to uint8 HxWx3) or "feature" (float32 CxHxW maps)
+
     @property
     def spec(self) -> str: ...
     def encode(self, images: Sequence[np.ndarray]) -> list[bytes]: ...
     def decode(self, data: Sequence[bytes]) -> list[np.ndarray]: ...
     def charged_bytes(self, data: bytes) -> int: ...
+
+
+def decode_payloads(codec: ExemplarCodec, payloads: Sequence[bytes]) -> Tensor:
+    """Payloads -> one NCHW tensor: uint8 pixels from an image codec (same-size images, as
+    exemplars of one scenario are), float32 features from a feature codec (the task
+    model's feature at its split: already the input of the layers after it)."""
+    if getattr(codec, "kind", "image") == "feature":
+        return codec.decode_tensor(list(payloads))  # type: ignore[attr-defined]
+    if not len(payloads):
+        return torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+    imgs = np.stack(codec.decode(list(payloads)))
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
 
 
 def exemplar_floor(codec: ExemplarCodec, image_size: int) -> int:
@@ -106,7 +120,7 @@ class ExemplarBuffer:
     def check_budget(self, num_classes: int, floor: int, what: str) -> None:
         """Refuse a byte budget whose final per-class share cannot hold one exemplar that
         costs ``floor`` bytes (label included) plus ``extra_per_exemplar``, naming the minimum."""
-        floor += self.extra_bytes
+        floor += self.extra_per_exemplar
         if self.budget_bytes is None or self.budget_bytes // num_classes >= floor:
             return
         extras = f" and {self.extra_per_exemplar:,} B of extras" if self.extra_per_exemplar else ""
@@ -145,7 +159,7 @@ class ExemplarBuffer:
         # per exemplar: payload + its int64 label + what the owner stores beside it
         k, used = 0, 0
         for p in payloads:
-            cost = self.codec.charged_bytes(p) + LABEL_BYTES + self.extra_bytes
+            cost = self.codec.charged_bytes(p) + LABEL_BYTES + self.extra_per_exemplar
             if count_share is not None and k >= count_share:
                 break
             if byte_share is not None and used + cost > byte_share:
@@ -197,15 +211,12 @@ class ExemplarBuffer:
         return payloads, torch.tensor(labels, dtype=torch.long)
 
     def decode(self, payloads: Sequence[bytes]) -> Tensor:
-        """Payloads -> uint8 NCHW (same-size images, as exemplars of one scenario are)."""
-        if not len(payloads):
-            return torch.empty(0, 3, 1, 1, dtype=torch.uint8)
-        imgs = np.stack(self.codec.decode(list(payloads)))
-        return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+        """Payloads -> uint8 NCHW images, or float32 NCHW features (``decode_payloads``)."""
+        return decode_payloads(self.codec, payloads)
 
     def tensors(self) -> tuple[Tensor, Tensor]:
-        """Decoded exemplars as (uint8 NCHW, labels), decoded anew on every call: a cache
-        of decoded pixels would hold bytes the budget does not count."""
+        """Decoded exemplars as (NCHW, labels), decoded anew on every call: a cache of
+        decoded pixels would hold bytes the budget does not count."""
         payloads, labels = self.ordered()
         return self.decode(payloads), labels
 

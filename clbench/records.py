@@ -109,6 +109,20 @@ def identity_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def legacy_resolved_amp(cfg: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 record's config with ``train.amp: auto`` replaced by what it ran with.
+
+    Since schema 2 the runner stores the precision ``auto`` resolved to on the machine
+    (bf16 on CPUs with native bf16 matmuls, fp32 on others), because the same ``auto`` gives
+    different numbers on different machines. Before schema 2 ``auto`` meant bf16 on CUDA and
+    fp32 on every CPU, so the record's device says which it was."""
+    train = cfg.get("train") if isinstance(cfg, dict) else None
+    if not isinstance(train, dict) or train.get("amp") != "auto":
+        return cfg
+    on_cuda = str(provenance.get("device", "cpu")).startswith("cuda")
+    return {**cfg, "train": {**train, "amp": "bf16" if on_cuda else "off"}}
+
+
 def config_fingerprint(cfg: dict[str, Any]) -> str:
     """A short stable hash of what a run computes: 16 hex digits of the SHA-256 of the
     canonical JSON of :func:`identity_config` (keys sorted). Takes a record's ``config``
@@ -445,6 +459,8 @@ class RunRecord:
 
     def __post_init__(self) -> None:
         if not self.config_fingerprint:
+            if self.schema_version < 2:
+                self.config = legacy_resolved_amp(self.config, self.provenance)
             self.config_fingerprint = config_fingerprint(self.config)
 
     @property

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from clbench.config import find_shipped_yaml
 from clbench.errors import ClbenchError, ConfigError
 from clbench.sweep import (
     Entry,
@@ -73,21 +74,7 @@ class Table:
 
 
 def find_table(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"table file {p} does not exist")
-        return p
-    cand = TABLES_DIR / f"{name_or_path}.yaml"
-    if cand.is_file():
-        return cand
-    names = sorted(q.stem for q in TABLES_DIR.glob("*.yaml"))
-    close = difflib.get_close_matches(name_or_path, names, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(
-        f"unknown table {name_or_path!r}{hint}; shipped tables: {', '.join(names)} "
-        "(or pass a path to a .yaml file)"
-    )
+    return find_shipped_yaml(name_or_path, TABLES_DIR, "table", "shipped tables")
 
 
 def _check(d: dict, valid: tuple[str, ...], where: str) -> None:

@@ -44,6 +44,7 @@ from clbench.atomic import (
 from clbench.backbones import create_backbone
 from clbench.config import BenchmarkConfig
 from clbench.data import DATA_ROOT_ENV, resolve_data_root
+from clbench.engine import resolved_amp
 from clbench.errors import ClbenchError, ClbenchWarning, ConfigError
 from clbench.provenance import now_utc, provenance
 from clbench.records import (
@@ -594,6 +595,11 @@ def run_benchmark(
             f"{', '.join(STRATEGIES.names())}"
         )
     dev = resolve_device(device)
+    # `amp: auto` is resolved here, once, to what this machine runs (bf16 only where the
+    # device multiplies bf16 natively), and the record stores the resolved value: the same
+    # `auto` gives different numbers on different machines, so it is part of the config
+    # identity and a leaderboard never ranks a bf16 run with an fp32 one in one row.
+    cfg.train.amp = resolved_amp(cfg.train.amp, dev)
     check_writable_dir(out_dir, "--out")
     _check_data_root(cfg, data_root)
     scenario = build_scenario(cfg, data_root)

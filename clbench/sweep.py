@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from clbench.config import find_shipped_yaml
 from clbench.errors import ClbenchError, ConfigError, DataNotFoundError, exit_status
 
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "sweeps"
@@ -322,21 +323,7 @@ def yaml_problem(e: yaml.YAMLError) -> str:
 
 def find_sweep(name_or_path: str) -> Path:
     """A path, or a name in benchmarks/sweeps/ (``memory-curve``)."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"sweep file {p} does not exist")
-        return p
-    cand = SWEEPS_DIR / f"{name_or_path}.yaml"
-    if cand.is_file():
-        return cand
-    names = sorted(q.stem for q in SWEEPS_DIR.glob("*.yaml"))
-    close = difflib.get_close_matches(name_or_path, names, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(
-        f"unknown sweep {name_or_path!r}{hint}; shipped sweeps: {', '.join(names) or 'none'} "
-        "(or pass a path to a .yaml file)"
-    )
+    return find_shipped_yaml(name_or_path, SWEEPS_DIR, "sweep", "shipped sweeps")
 
 
 # --------------------------------------------------------------------------- planning
@@ -538,6 +525,10 @@ def _config_diff(recorded: dict[str, Any], job: PlannedJob) -> list[str]:
         d.split(":", 1)[0]
         for d in config_diff({**recorded, "strategy_params": {}}, {**want, "strategy_params": {}})
     ]
+    if (want.get("train") or {}).get("amp") == "auto":
+        # the worker's runner resolves `auto` to its own machine's precision and checks the
+        # record itself; the machine planning the sweep may not be the one running the job
+        diffs = [d for d in diffs if d != "train.amp"]
     rec_params = (recorded.get("strategy_params") or {}).get(job.strategy) or {}
     for k, v in job.explicit.items():
         if k in rec_params and _norm(rec_params[k]) != _norm(v):

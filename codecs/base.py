@@ -106,8 +106,9 @@ class Codec:
         """Encode a uint8 NHWC array/tensor or a list of HWC arrays into one bytes each."""
         return self.encode_batch(as_image_list(images, self.spec))
 
-    def decode(self, data: Sequence[bytes]) -> list[np.ndarray]:
-        """Decode bytes objects back to uint8 HWC RGB arrays (one per item)."""
+    def checked_items(self, data: Sequence[bytes]) -> list[bytes]:
+        """``decode``'s input as a list of bytes; a lone bytes object or a non-bytes item is a
+        one-line error (a lone bytes would otherwise decode as a list of ints)."""
         if isinstance(data, (bytes, bytearray, memoryview)):
             raise ClbenchError(
                 f"codec {self.spec}: decode takes a list of bytes objects; wrap one in [...]"
@@ -116,7 +117,11 @@ class Codec:
         for i, b in enumerate(data):
             if not isinstance(b, (bytes, bytearray)):
                 raise ClbenchError(f"codec {self.spec}: item {i} is {type(b).__name__}, not bytes")
-        out = self.decode_batch([bytes(b) for b in data])
+        return [bytes(b) for b in data]
+
+    def decode(self, data: Sequence[bytes]) -> list[np.ndarray]:
+        """Decode bytes objects back to uint8 HWC RGB arrays (one per item)."""
+        out = self.decode_batch(self.checked_items(data))
         for i, im in enumerate(out):
             if not (
                 isinstance(im, np.ndarray)

@@ -296,10 +296,6 @@ class LoRAICMCodec(FeatureCodec):
         batch: int = 16,
         cross_device: bool = False,
     ):
-        if checkpoint is None:
-            raise ClbenchError(
-                f"codec {NAME}: pass checkpoint=PATH (train one with `clbench codec icm-train {NAME}`)"
-            )
         self.checkpoint, self.weights, self.data_root = checkpoint, weights, data_root
         self.batch, self.cross_device, self.device = int(batch), bool(cross_device), "cpu"
         state, meta = read_icm_checkpoint(checkpoint, NAME)

@@ -414,15 +414,7 @@ class FeatureCodec(Codec):
         return torch.from_numpy(np.stack(self.decode(data))) if len(data) else torch.empty(0)
 
     def decode(self, data: Sequence[bytes]) -> list[np.ndarray]:  # type: ignore[override]
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            raise ClbenchError(
-                f"codec {self.spec}: decode takes a list of bytes objects; wrap one in [...]"
-            )
-        data = list(data)
-        for i, b in enumerate(data):
-            if not isinstance(b, (bytes, bytearray)):
-                raise ClbenchError(f"codec {self.spec}: item {i} is {type(b).__name__}, not bytes")
-        return self.decode_batch([bytes(b) for b in data])
+        return self.decode_batch(self.checked_items(data))
 
 
 def fit_entropy_buffers(module: nn.Module, state: dict[str, Tensor]) -> None:
@@ -440,8 +432,13 @@ def fit_entropy_buffers(module: nn.Module, state: dict[str, Tensor]) -> None:
                     getattr(m, key).resize_(state[prefix + key].shape)
 
 
-def read_icm_checkpoint(path: str | Path, who: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, metadata) of an ICM training checkpoint, loaded weights-only."""
+def read_icm_checkpoint(path: str | Path | None, who: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, metadata) of an ICM training checkpoint, loaded weights-only; ``who`` is the
+    codec (and icm-train method) name the messages point to."""
+    if path is None:
+        raise ClbenchError(
+            f"codec {who}: pass checkpoint=PATH (train one with `clbench codec icm-train {who}`)"
+        )
     p = Path(path).expanduser()
     if not p.is_file():
         raise ClbenchError(

@@ -45,9 +45,14 @@ class ModelStrategy(Strategy):
 
     def __init__(self, ctx: StrategyContext, **params: Any):
         super().__init__(ctx, **params)
-        self.model = BackboneClassifier(ctx.make_backbone(), ctx.num_classes).to(self.device)
+        self.model = self.build_model().to(self.device)
         if self.train_cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+
+    def build_model(self) -> nn.Module:
+        """The trained model: the scenario's backbone + an incremental head (a feature
+        codec's replay puts the task model's layers after its split in its place)."""
+        return BackboneClassifier(self.ctx.make_backbone(), self.ctx.num_classes)
 
     def new_data(self, exp: Experience, group: str = "train") -> Dataset:
         """The experience's new data as this strategy sees it (compressed replay may

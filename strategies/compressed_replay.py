@@ -31,12 +31,24 @@ address (paper setting = default):
     ``budget_bytes``. During the first task the model sees raw images (no codec exists
     yet), as with ``candidates``.
 
+A feature codec (``codec.kind == "feature"``, e.g. ``feature-vr:checkpoint=...``; see
+docs/icm.md) stores compressed features of a frozen task model's split instead of images.
+The model is then the task model's stages after the split (a trainable copy of its
+pretrained weights) plus the incremental head: latent replay (Pellegrini et al., 2020) with
+compressed latents. The stages before the split stay frozen inside the codec, because the
+stored features were computed by them and must keep meaning the same thing. New and test
+images enter as features too: decoded after a round trip through the codec where
+``preprocess`` compresses them (new data: train, train+test; test data: train+test; the
+receiver of an ICM codec sees nothing else), else straight from the frozen front; features
+are not pixel-transformed (no augmentation). See docs/compressed-replay.md.
+
 Storage is decided once, in :meth:`CompressedReplay.buffer_codec`; the selection after the
 first task (``candidates``) and a resumed checkpoint switch it through ``_use_codec``.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from pathlib import Path
@@ -50,8 +62,14 @@ from torch.utils.data import Dataset, Subset
 
 from clbench.codecs import CODECS, Codec, format_spec, get_codec, parse_spec
 from clbench.errors import ClbenchWarning, ConfigError
-from clbench.memory import LABEL_BYTES, exemplar_floor, parse_bytes
-from clbench.strategies.base import Experience, StrategyContext, register_strategy
+from clbench.memory import LABEL_BYTES, decode_payloads, exemplar_floor, parse_bytes
+from clbench.strategies.base import (
+    BackboneClassifier,
+    Experience,
+    StrategyContext,
+    module_bytes,
+    register_strategy,
+)
 from clbench.strategies.replay import DER, ExperienceReplay, ICaRL, _Transformed
 
 DEFAULTS = Path(__file__).with_suffix(".yaml")
@@ -112,34 +130,78 @@ def grad_cam(model: nn.Module, x: Tensor, y: Tensor, logits) -> Tensor:
     return cam / peak
 
 
+class SplitBack(nn.Module):
+    """A feature codec's task model after its split: decoded features -> pooled features.
+
+    A trainable copy of the stages after ``split`` with their pretrained weights, and the
+    model's own pooling (its 1000-way classifier is dropped: the incremental head replaces
+    it). The stages before the split are replaced by identities, so neither the state dict
+    nor the trainable-parameter count holds them; they live, frozen, in the codec."""
+
+    def __init__(self, task_model: Any, split: str):
+        super().__init__()
+        k = task_model.split_index(split)
+        net = copy.deepcopy(task_model.net)
+        for name in task_model.split_points[:k]:
+            parent, _, leaf = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, leaf, nn.Identity())
+        net.reset_classifier(0)
+        self.net = net.requires_grad_(True).train()
+        self.stages = task_model.split_points[k:]
+        self.num_features = int(net.num_features)
+
+    def forward(self, f: Tensor) -> Tensor:
+        for name in self.stages:
+            f = self.net.get_submodule(name)(f)
+        return self.net.forward_head(f, pre_logits=True)
+
+
+@torch.no_grad()
+def codec_front(codec: Any, images: list[np.ndarray], batch: int = 64) -> Tensor:
+    """uint8 HWC images -> a feature codec's uncompressed split feature (float32 NCHW).
+    (no_grad, not inference_mode: these tensors become training inputs.)"""
+    tm, out = codec.task_model, []
+    for s in range(0, len(images), batch):
+        x = tm.preprocess(np.stack(images[s : s + batch]))
+        out.append(tm.front(x, codec.split).float().cpu())
+    return torch.cat(out)
+
+
 class CodecView(Dataset):
     """An experience's images round-tripped through the codec, then transformed.
 
     These decoded images are the model's input, not memory, so they are not part of the
-    replay budget (which counts stored bitstreams). Up to ``cache_bytes`` of decoded pixels
+    replay budget (which counts stored bitstreams). Up to ``cache_bytes`` of decoded data
     are computed once (small-image sets: a learned codec then runs once per experience,
     not once per epoch); larger sets round-trip each batch on the fly in ``__getitems__``.
+    For a feature codec the items are decoded features (``front_only``: the uncompressed
+    feature at the split) and ``transform`` is None.
     """
 
-    def __init__(self, raw: Dataset, codec: Codec, transform, cache_bytes: int):
+    def __init__(
+        self, raw: Dataset, codec: Codec, transform, cache_bytes: int, front_only: bool = False
+    ):
         self.raw, self.codec, self.transform = raw, codec, transform
+        self.front_only = front_only
         self.y = torch.as_tensor(list(raw.targets))
-        c, h, w = raw[0][0].shape
+        first = self._roundtrip([0])
         self.x: Tensor | None = None
-        if len(raw) * c * h * w <= cache_bytes:
+        if len(raw) * first[0].numel() * first.element_size() <= cache_bytes:
             self.x = self._roundtrip(range(len(raw)))
 
     def _roundtrip(self, idx) -> Tensor:
         images = [_hwc(self.raw[int(i)][0]) for i in idx]
-        decoded = self.codec.decode(self.codec.encode(images))
-        return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
+        if self.front_only:
+            return codec_front(self.codec, images)
+        return decode_payloads(self.codec, self.codec.encode(images))
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitems__(self, idx: list[int]) -> list[tuple[Tensor, int, int]]:
         x = self.x[list(idx)] if self.x is not None else self._roundtrip(idx)
-        return [(self.transform(xi), int(self.y[i]), 0) for xi, i in zip(x, idx, strict=True)]
+        tf = self.transform
+        return [((tf(xi) if tf else xi), int(self.y[i]), 0) for xi, i in zip(x, idx, strict=True)]
 
     def __getitem__(self, i: int):
         return self.__getitems__([i])[0]
@@ -168,9 +230,27 @@ class CompressedReplay:
     def candidates(self) -> list[str]:
         return list(self.params.get("candidates") or [])
 
+    @property
+    def is_feature(self) -> bool:
+        """Exemplars are a feature codec's (replayed after its split), not images."""
+        return self.buffer_codec().kind == "feature"
+
+    def build_model(self) -> nn.Module:
+        """With a feature codec: the task model's layers after its split + the head."""
+        codec = self.buffer_codec()
+        if codec.kind != "feature":
+            return super().build_model()
+        return BackboneClassifier(SplitBack(codec.task_model, codec.split), self.ctx.num_classes)
+
     def buffer_codec(self) -> Codec:
         """The exemplar codec: a continually learned one (``learned_codec``), else the first
-        of ``candidates`` until the selection after task 0, else ``codec``."""
+        of ``candidates`` until the selection after task 0, else ``codec``. Built once (the
+        model is built from it before the buffer is)."""
+        if "_codec0" not in self.__dict__:
+            self._codec0 = self._build_codec()
+        return self._codec0
+
+    def _build_codec(self) -> Codec:
         if self.params["preprocess"] not in PREPROCESS:
             raise ConfigError(
                 f"strategy {self.name}: preprocess {self.params['preprocess']!r}; valid: "
@@ -191,7 +271,17 @@ class CompressedReplay:
             raise ConfigError(
                 f"strategy {self.name}: set codec (e.g. 'jpeg:q=50'), candidates or learned_codec"
             )
-        return get_codec(self._seeded(spec))
+        # Building a codec must not draw from the run's RNG stream: a feature codec's task
+        # model is created (randomly initialised, then loaded) only on first use in a process,
+        # so a second run in the same process would otherwise train differently.
+        with torch.random.fork_rng(devices=[]):
+            codec = get_codec(self._seeded(spec))
+        if codec.kind == "feature" and (learned or self.candidates):
+            raise ConfigError(
+                f"strategy {self.name}: {spec} is a feature codec; give it as codec: (candidates "
+                "and learned_codec are for image codecs, whose decoded pixels the model reads)"
+            )
+        return codec
 
     def _learned_spec(self, cfg: Any) -> str:
         """A ``learned_codec`` mapping as a ``continual:`` spec; its keys are the codec's
@@ -225,7 +315,8 @@ class CompressedReplay:
 
     def _use_codec(self, spec: str) -> None:
         """Switch the (fixed) exemplar codec: after the selection, or on resume."""
-        self.buffer.codec = get_codec(spec)
+        if spec != self.buffer.codec.spec:
+            self.buffer.codec = get_codec(spec)
 
     def check_budget(self) -> None:
         """Candidates: the cheapest must fit. A learned codec is random until it is fitted,
@@ -233,8 +324,9 @@ class CompressedReplay:
         if self.buffer.budget_bytes is None or isinstance(self.buffer.codec, TaskTrainedCodec):
             return
         size = self.ctx.image_size
-        specs = self.candidates or [self.buffer.codec.spec]
-        floor, spec = min((exemplar_floor(get_codec(s), size), s) for s in specs)
+        codecs = [get_codec(s) for s in self.candidates] or [self.buffer.codec]
+        floor, spec = min((exemplar_floor(c, size), c.spec) for c in codecs)
+        specs = self.candidates or [spec]
         cheapest = " (the cheapest candidate)" if len(specs) > 1 else ""
         what = f"a flat {size}x{size} image as {spec}{cheapest}"
         self.buffer.check_budget(self.ctx.num_classes, floor, what)
@@ -245,21 +337,29 @@ class CompressedReplay:
             return self.learned.version > 0
         return not self.candidates or bool(self.selection)
 
-    def _view(self, dataset: Any, group: str) -> Dataset:
+    def _view(self, dataset: Any, group: str, front_only: bool = False) -> Dataset:
         codec = self.buffer.codec
         version = (codec.spec, self.learned.version if self.learned is not None else 0)
-        key = (id(dataset), group, version)
+        key = (id(dataset), group, version, front_only)
         if key not in self._views:
-            self._views = {k: v for k, v in self._views.items() if k[2] == version}  # stale
+            # drop stale views, and a new training view replaces the last one (used once)
+            self._views = {
+                k: v
+                for k, v in self._views.items()
+                if k[2] == version and not (group == k[1] == "train")
+            }
             self._views[key] = CodecView(
                 dataset.with_transforms("raw"),
                 codec,
-                self.ctx.transforms[group],
+                None if self.is_feature else self.ctx.transforms[group],
                 cache_bytes=parse_bytes(self.params["preprocess_cache_bytes"]),
+                front_only=front_only,
             )
         return self._views[key]
 
     def new_data(self, exp: Experience, group: str = "train") -> Dataset:
+        if self.is_feature:  # the model reads features: decoded, or the frozen front's
+            return self._view(exp.dataset, group, front_only=self.params["preprocess"] == "none")
         if exp.index == 0 and self.candidates and self.holdout is None and group == "train":
             n = len(exp.dataset)
             k = max(1, int(round(self.params["selection_holdout"] * n)))
@@ -274,6 +374,9 @@ class CompressedReplay:
         return data
 
     def eval_view(self, dataset: Any) -> Dataset:
+        if self.is_feature:
+            front = self.params["preprocess"] != "train+test"
+            return self._view(dataset, "eval", front_only=front)
         if self.params["preprocess"] == "train+test" and self._codec_ready():
             return self._view(dataset, "eval")
         return dataset.eval()
@@ -395,6 +498,14 @@ class CompressedReplay:
                 "counted_in_budget": bool(self.params.get("count_codec_params")),
                 "training": self.learned.history,
             }
+        if self.is_feature:
+            codec = self.buffer.codec
+            out["feature_replay"] = {
+                "task_model": codec.task_model.spec.name,
+                "backbone_fingerprint": codec.backbone_fingerprint,
+                "split": codec.split,
+                "trainable_stages": list(self.model.backbone.stages),
+            }
         if self.warnings:
             out["warnings"] = list(self.warnings)
         return out
@@ -403,6 +514,8 @@ class CompressedReplay:
         mem = super().memory()
         if self.learned is not None:
             mem["codec_params_bytes"] = self.learned.param_bytes()
+        elif self.is_feature:  # the feature codec's own network (the front is the model's)
+            mem["codec_params_bytes"] = module_bytes(getattr(self.buffer.codec, "model", None))
         return mem
 
     def extra_state(self) -> dict[str, Any]:

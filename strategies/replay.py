@@ -15,7 +15,7 @@ bitstream) and/or ``mem_size`` (a count); see clbench/memory.py.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,13 +114,20 @@ class BufferStrategy(ModelStrategy):
         what = f"a flat {self.ctx.image_size}x{self.ctx.image_size} image as {codec.spec}"
         self.buffer.check_budget(self.ctx.num_classes, floor, what)
 
+    def replay_transform(self, group: str) -> Callable | None:
+        """The transform of decoded exemplars: the scenario's ``group`` transform for
+        images; none for a feature codec's exemplars, which decode to the model's input."""
+        if getattr(self.buffer.codec, "kind", "image") == "feature":
+            return None
+        return self.ctx.transforms.get(group)
+
     def rank(self, payloads: list[Any]) -> np.ndarray:
         """Order in which a class's items enter the buffer: random, or herding on the
         features of the DECODED images (what replay will actually show the model)."""
         if self.params.get("selection", "random") != "herding":
             return torch.randperm(len(payloads)).numpy()
         x = self.buffer.decode(payloads)
-        tf = self.ctx.transforms.get("eval")
+        tf = self.replay_transform("eval")
         feats, _ = self.extract(self.model.features, _Transformed(x, torch.zeros(len(x)), tf))
         return herding_order(F.normalize(feats, dim=1))
 
@@ -142,7 +149,7 @@ class BufferStrategy(ModelStrategy):
     def memory_loader(self) -> DataLoader | None:
         if len(self.buffer) == 0:
             return None
-        return self.loader(self.buffer.dataset(self.ctx.transforms.get("train")))
+        return self.loader(self.buffer.dataset(self.replay_transform("train")))
 
     def after_experience(self, exp: Experience) -> None:
         self.update_buffer(exp)
@@ -188,7 +195,7 @@ class DER(BufferStrategy):
         self._mem_iter = None
         if len(self.buffer):
             logits = self.buffer.extras_tensor()
-            ds = _WithLogits(self.buffer.dataset(self.ctx.transforms.get("train")), logits)
+            ds = _WithLogits(self.buffer.dataset(self.replay_transform("train")), logits)
             self._mem_iter = _cycle(self.loader(ds))
         return data
 
@@ -211,8 +218,11 @@ class DER(BufferStrategy):
         # (re)compute stored logits only for the new classes' exemplars (DER keeps old ones)
         x, y = self.buffer.tensors()
         new = torch.isin(y, torch.tensor(exp.classes))  # decoded once here, then released
-        tf = self.ctx.transforms.get("eval")
-        xs = torch.stack([tf(im) for im in x[new]]) if new.any() else x[:0].float()
+        tf = self.replay_transform("eval")
+        if tf is None:
+            xs = x[new].float()
+        else:
+            xs = torch.stack([tf(im) for im in x[new]]) if new.any() else x[:0].float()
         with torch.no_grad():
             z, _ = self.extract(
                 lambda t: self.model.head.fc(self.model.features(t)),
@@ -295,7 +305,7 @@ class ICaRL(BufferStrategy):
         if len(self.buffer) == 0:
             return self.new_data(exp)
         return ConcatDataset(
-            [self.new_data(exp), self.buffer.dataset(self.ctx.transforms.get("train"))]
+            [self.new_data(exp), self.buffer.dataset(self.replay_transform("train"))]
         )
 
     def after_experience(self, exp: Experience) -> None:
@@ -306,7 +316,7 @@ class ICaRL(BufferStrategy):
     def compute_means(self) -> None:
         """Class means of the L2-normalised features of each class's exemplars."""
         x, y = self.buffer.tensors()
-        tf = self.ctx.transforms.get("eval")
+        tf = self.replay_transform("eval")
         data = _Transformed(x, y, tf)
         feats, labels = self.extract(self.model.features, data)
         feats = F.normalize(feats, dim=1)

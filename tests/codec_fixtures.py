@@ -43,6 +43,20 @@ def write_pngs(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> lis
     return paths
 
 
+def forward_and_coded(model, img: np.ndarray):
+    """(forward x_hat clamped to [0, 1], compress() output, decompress() x_hat) of a
+    CompressAI-style model on one uint8 HWC image, in inference mode; a learned codec must
+    decode to exactly its forward pass."""
+    import torch
+
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        ref = model(x)["x_hat"].clamp(0, 1)
+        enc = model.compress(x)
+        dec = model.decompress(enc["strings"], enc["shape"])["x_hat"]
+    return ref, enc, dec
+
+
 @pytest.fixture(autouse=True, scope="module")
 def torch_one_thread():
     """One torch thread per test module: CI has 2 shared cores, and oversubscribed OpenMP

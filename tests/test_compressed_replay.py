@@ -520,6 +520,12 @@ def test_der_logits_count_against_the_byte_budget(digits, name):
     assert [len(buf.payloads[k]) for k in buf.classes] == [per_class, per_class]
     with pytest.raises(ConfigError, match=r"costs 240 B with its label and 40 B of extras"):
         build_strategy(
-            load_config({**cfg.to_dict(), "strategy_params": {name: {**params, "budget_bytes": 2399}}}),
-            name, sc, 0, torch.device("cpu"), False,
+            load_config(
+                {**cfg.to_dict(), "strategy_params": {name: {**params, "budget_bytes": 2399}}}
+            ),
+            name,
+            sc,
+            0,
+            torch.device("cpu"),
+            False,
         )

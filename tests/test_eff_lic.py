@@ -11,7 +11,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from codec_fixtures import smooth_image, torch_one_thread, write_pngs  # noqa: E402, F401
+from codec_fixtures import (  # noqa: E402, F401
+    forward_and_coded,
+    smooth_image,
+    torch_one_thread,
+    write_pngs,
+)
 
 from clbench.codecs import get_codec  # noqa: E402
 from clbench.codecs.cli import main  # noqa: E402
@@ -40,11 +45,7 @@ def test_decoding_is_bit_exact_against_the_quantised_forward_pass(transform, con
     codec = get_codec(spec(transform, context))
     m = codec.model
     img = smooth_image(64, 64, 3)
-    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-    with torch.inference_mode():
-        ref = m(x)["x_hat"].clamp(0, 1)
-        enc = m.compress(x)
-        dec = m.decompress(enc["strings"], enc["shape"])["x_hat"]
+    ref, enc, dec = forward_and_coded(m, img)
     assert torch.equal(ref, dec)
     back = codec.decode(codec.encode([img]))[0]
     np.testing.assert_array_equal(back, (ref[0] * 255).round().byte().permute(1, 2, 0).numpy())

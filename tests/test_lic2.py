@@ -13,7 +13,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from codec_fixtures import smooth_image, torch_one_thread, write_pngs  # noqa: E402, F401
+from codec_fixtures import (  # noqa: E402, F401
+    forward_and_coded,
+    smooth_image,
+    torch_one_thread,
+    write_pngs,
+)
 
 from clbench.codecs import get_codec  # noqa: E402
 from clbench.codecs.balanced_rd import LogLossWeights, qp_weights  # noqa: E402
@@ -258,11 +263,7 @@ def test_bgvae_bitstream_round_trip_is_exact_at_several_rates_and_progressive():
             if name.endswith("post_out.bias"):
                 prm.fill_(3.0)
     img = smooth_image(64, 64, 3)
-    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-    with torch.inference_mode():
-        ref = m(x)["x_hat"].clamp(0, 1)
-        enc = m.compress(x)
-        dec = m.decompress(enc["strings"], enc["shape"])["x_hat"]
+    ref, enc, dec = forward_and_coded(m, img)
     assert torch.equal(ref, dec) and len(enc["strings"]) == m.num_latents == 4
     data = codec.encode([img, smooth_image(40, 72, 1)])  # padded to 64x128
     back = codec.decode(data)
@@ -273,6 +274,7 @@ def test_bgvae_bitstream_round_trip_is_exact_at_several_rates_and_progressive():
     other.model.load_state_dict(m.state_dict())
     other.model.update(force=True)
     mixed = codec.decode([other.encode([img])[0], data[0]])
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
     with torch.inference_mode():
         ref_05 = m(x, lmbda=0.05)["x_hat"].clamp(0, 1)
     np.testing.assert_array_equal(

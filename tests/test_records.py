@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from clbench import atomic
 from clbench.atomic import torch_save_atomic
@@ -393,6 +394,32 @@ def test_schema_1_records_still_load_with_a_computed_fingerprint(tmp_path):
     assert skipped == [] and record.schema_version == 1
     assert record.config_fingerprint == config_fingerprint({"train": {"epochs": 3}})
     assert record.to_dict()["schema_version"] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("device, ran_with", [("cpu", "off"), ("cuda:0", "bf16")])
+def test_schema_1_amp_auto_is_read_as_the_precision_it_meant_then(tmp_path, device, ran_with):
+    """Before schema 2 `amp: auto` meant fp32 on every CPU and bf16 on CUDA; since then the
+    runner stores the resolved value, so the identities agree."""
+    v1 = _v1(make_record(config={"train": {"epochs": 3, "amp": "auto"}}))
+    v1["provenance"]["device"] = device
+    _write(tmp_path / "runs", "digits__er__s0.json", v1)
+    (record,), _ = load_records(tmp_path)
+    assert record.config["train"]["amp"] == ran_with
+    assert record.config_fingerprint == config_fingerprint(
+        {"train": {"epochs": 3, "amp": ran_with}}
+    )
+
+
+def test_the_runner_records_the_precision_auto_resolved_to(tmp_path):
+    from clbench.config import load_config
+    from clbench.engine import resolved_amp
+    from clbench.runner import run_benchmark
+
+    cfg = load_config("digits", ["train.epochs=1", "train.amp=auto", "backbone.kwargs.hidden=8"])
+    run_benchmark(cfg, tmp_path, strategies=["finetune"], seeds=[0], progress=False)
+    (rec,), _ = load_records(tmp_path)
+    want = resolved_amp("auto", torch.device("cpu"))
+    assert want in ("bf16", "off") and rec.config["train"]["amp"] == want
 
 
 def test_an_edited_config_no_longer_matches_its_fingerprint():

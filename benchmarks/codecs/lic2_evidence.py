@@ -112,13 +112,18 @@ class Evidence:
     def folder(self, method: str, seed: int, lmbda: float) -> Path:
         return self.runs / f"{method}-s{seed}" / f"lambda-{lmbda:g}"
 
-    def balanced(self) -> None:
+    def train_beside_standard(self, method: str) -> None:
+        """``method`` and its ``standard`` control, from scratch, at every seed and lambda."""
         a = self.a
         for s in a.seeds:
             for lm in a.lambdas:
-                self.train(self.folder("standard", s, lm), a.arch, lm, a.steps, "standard", s)
-                self.train(self.folder("balanced-rd", s, lm), a.arch, lm, a.steps, "balanced-rd", s)
+                for m in ("standard", method):
+                    self.train(self.folder(m, s, lm), a.arch, lm, a.steps, m, s)
         self.flush()
+
+    def balanced(self) -> None:
+        a = self.a
+        self.train_beside_standard("balanced-rd")
         name = a.arch.partition(":")[0]
         for s in a.seeds:
             for lm in a.lambdas:
@@ -132,12 +137,7 @@ class Evidence:
         self.evaluate("balanced", ["standard", "balanced-rd", "standard-ft", "balanced-rd-qp"])
 
     def stdet(self) -> None:
-        a = self.a
-        for s in a.seeds:
-            for lm in a.lambdas:
-                self.train(self.folder("standard", s, lm), a.arch, lm, a.steps, "standard", s)
-                self.train(self.folder("stdet-sma", s, lm), a.arch, lm, a.steps, "stdet-sma", s)
-        self.flush()
+        self.train_beside_standard("stdet-sma")
         self.evaluate("stdet", ["standard", "stdet-sma"])
 
     def bgvae(self) -> None:

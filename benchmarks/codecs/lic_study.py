@@ -10,8 +10,8 @@ continues an interrupted study:
 1. ``grid``: every transform x context of ``lic_study.yaml`` (3 x 3), one λ, the same
    training-time budget each (``--grid-minutes``).
 2. ``grid-eval``: Kodak R-D of the grid (one point each) with complexity (parameters,
-   encoder/decoder kMACs per pixel, latency), against JPEG; the grid is ranked by the
-   rate saving against JPEG at each model's PSNR (JPEG's rate interpolated in log-bpp).
+   encoder/decoder kMACs per pixel, latency), against JPEG, and each model's rate saving
+   against JPEG at its PSNR; the grid is ranked by validation loss (Kodak never chooses).
 3. ``final``: the ``--best`` models (or ``--final SPEC ...``) at the four final λ, one
    command each (``--final-minutes`` per λ).
 4. ``final-eval``: Kodak R-D of the final curves against JPEG, WebP, AVIF and the published
@@ -125,10 +125,7 @@ class Study:
         args += ["--lambda", *(f"{lm:g}" for lm in lambdas), "--minutes", f"{minutes:g}"]
         args += ["--threads", str(a.threads), "--resume", "--no-progress"]
         for k, v in a.recipe_opts.items():
-            if isinstance(v, bool):  # a flag (--mosaic)
-                args += [f"--{k}"] if v else []
-            else:
-                args += [f"--{k}", str(v)]
+            args += _flag(k, v).split()
         self.run(args, why)
 
     def evaluate(self, name: str, curves: dict[str, Any], anchors: list[str], why: str) -> None:
@@ -183,7 +180,11 @@ class Study:
         self.evaluate("grid", curves, ["JPEG"], "grid-eval: Kodak, one point per grid model")
 
     def ranking(self) -> list[dict[str, Any]]:
-        """Grid models by rate saving against JPEG at their own PSNR (best first)."""
+        """Grid models, best first by their best validation R-D loss (Tiny-ImageNet val, the
+        training λ): Kodak only reports, it never chooses. Each row also has the model's
+        Kodak point, its rate saving against JPEG at that PSNR and its complexity."""
+        import torch
+
         res = json.loads((self.a.results / "grid" / "results.json").read_text())
         jpeg = next(c for c in res["curves"] if c["label"] == "JPEG")["points"]
         jp = sorted((p["psnr"], math.log(p["bpp"])) for p in jpeg)
@@ -195,10 +196,12 @@ class Study:
             pt = c["points"][0]
             inside = jp[0][0] <= pt["psnr"] <= jp[-1][0]
             jpeg_bpp = math.exp(np.interp(pt["psnr"], *zip(*jp, strict=True)))
+            ckpt = torch.load(self.grid_ckpt(spec), map_location="cpu", weights_only=True)
             rows.append(
                 {
                     "label": label(spec),
                     "spec": spec,
+                    "val_loss": ckpt["clbench"]["best_val"],
                     "bpp": pt["bpp"],
                     "psnr": pt["psnr"],
                     "saving_vs_jpeg_pct": 100 * (pt["bpp"] / jpeg_bpp - 1) if inside else math.nan,
@@ -206,9 +209,7 @@ class Study:
                     **{k: pt.get(k) for k in ("enc_latency_ms", "dec_latency_ms")},
                 }
             )
-        return sorted(
-            rows, key=lambda r: (math.isnan(r["saving_vs_jpeg_pct"]), r["saving_vs_jpeg_pct"])
-        )
+        return sorted(rows, key=lambda r: r["val_loss"])
 
     def final_specs(self) -> list[str]:
         if self.a.final:
@@ -253,7 +254,7 @@ class Study:
 
     def report(self) -> None:
         from clbench.atomic import write_bytes_atomic, write_text_atomic
-        from clbench.plots import curves_png
+        from clbench.plots import curves_png, scatter_png
 
         a = self.a
         lines = [
@@ -263,29 +264,47 @@ class Study:
             "[commands.md](commands.md)). Training data: Tiny-ImageNet train (64x64); Kodak is never",
             "trained on nor used to choose a model (validation: Tiny-ImageNet val).",
             "",
-            f"Recipe: {', '.join(f'--{k} {v}' for k, v in a.recipe_opts.items())}; {a.threads} threads.",
+            f"Recipe: `{' '.join(_flag(k, v) for k, v in a.recipe_opts.items())}`, threads: {a.threads}.",
             "",
         ]
         if (a.results / "grid" / "results.json").is_file():
             lines += [
                 f"## Grid: {len(self.grid_specs())} models, lambda {a.grid_lambda:g}, {a.grid_minutes:g} min each",
                 "",
-                "Rate saving vs JPEG: the model's bpp against JPEG's at the same PSNR on Kodak",
-                "(JPEG interpolated linearly in log-bpp); a one-point BD-rate. Full report:",
+                "Ranked by the best validation loss (λ·255²·MSE + bpp on Tiny-ImageNet val, the",
+                f"training λ); the best {a.best} go on to the final λ. Rate saving vs JPEG: the",
+                "model's Kodak bpp against JPEG's at the same PSNR (JPEG interpolated linearly in",
+                "log-bpp), a one-point BD-rate (n/a outside JPEG's PSNR range). Full report:",
                 "[grid/report.md](grid/report.md).",
                 "",
-                "| model | params | enc kMACs/px | dec kMACs/px | Kodak bpp | PSNR dB | saving vs JPEG | steps | val loss |",
+                "| model | params | enc kMACs/px | dec kMACs/px | steps | val loss | Kodak bpp | PSNR dB | saving vs JPEG |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
-            for r in self.ranking():
+            rows = self.ranking()
+            for r in rows:
                 log = self._log(a.runs / "grid" / r["label"])
-                last = log[-1] if log else {}
                 lines.append(
                     f"| {r['label']} | {_f(r['params'], 0)} | {_f(r['enc_kmacs_px'], 1)} | "
-                    f"{_f(r['dec_kmacs_px'], 1)} | {r['bpp']:.4f} | {r['psnr']:.2f} | "
-                    f"{_f(r['saving_vs_jpeg_pct'], 1)} % | {last.get('step', '')} | {_f(last.get('loss'), 4)} |"
+                    f"{_f(r['dec_kmacs_px'], 1)} | {log[-1]['step'] if log else ''} | "
+                    f"{_f(r['val_loss'], 4)} | {r['bpp']:.4f} | {r['psnr']:.2f} | "
+                    f"{_f(r['saving_vs_jpeg_pct'], 1, ' %')} |"
                 )
             lines.append("")
+            pareto = {
+                r["label"]: (r["dec_kmacs_px"], r["saving_vs_jpeg_pct"])
+                for r in rows
+                if r["dec_kmacs_px"] and math.isfinite(r["saving_vs_jpeg_pct"])
+            }
+            if pareto and not a.dry_run:
+                png = scatter_png(
+                    pareto,
+                    xlabel="decoder kMACs / pixel",
+                    ylabel="rate saving vs JPEG at equal PSNR (%)",
+                    title=f"Grid: R-D against decoder complexity (lambda {a.grid_lambda:g})",
+                    logx=True,
+                )
+                write_bytes_atomic(a.results / "grid_pareto.png", png)
+                lines += ["![grid Pareto](grid_pareto.png)", ""]
         if (a.results / "final" / "results.json").is_file():
             lines += [
                 f"## Final: {', '.join(self.final_specs())} at lambda {', '.join(f'{x:g}' for x in a.final_lambdas)}",
@@ -330,10 +349,16 @@ class Study:
         return all(out.stat().st_mtime > p.stat().st_mtime for p in inputs)
 
 
-def _f(v: Any, nd: int) -> str:
+def _flag(key: str, value: Any) -> str:
+    if isinstance(value, bool):  # --mosaic
+        return f"--{key}" if value else ""
+    return f"--{key} {value}"
+
+
+def _f(v: Any, nd: int, unit: str = "") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
-    return f"{v:,.{nd}f}"
+    return f"{v:,.{nd}f}{unit}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,23 +64,38 @@ def check_cl_lora(device: torch.device, n_img: int, batch: int) -> dict[str, Any
 
     def backbone():
         torch.manual_seed(0)
-        return VisionTransformer(img_size=size, patch_size=16, embed_dim=768, depth=12,
-                                 num_heads=12, num_classes=0)
+        return VisionTransformer(
+            img_size=size, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=0
+        )
 
-    cfg = load_config({
-        "backbone": {"name": "vit_base_patch16_224"},
-        "train": {"epochs": 1, "batch_size": batch, "lr": 0.01, "amp": "auto", "num_workers": 0},
-        "strategies": ["cl-lora"],
-    })
+    cfg = load_config(
+        {
+            "backbone": {"name": "vit_base_patch16_224"},
+            "train": {
+                "epochs": 1,
+                "batch_size": batch,
+                "lr": 0.01,
+                "amp": "auto",
+                "num_workers": 0,
+            },
+            "strategies": ["cl-lora"],
+        }
+    )
     ctx = StrategyContext(
-        config=cfg, num_classes=2 * classes_per_task,
+        config=cfg,
+        num_classes=2 * classes_per_task,
         experience_classes=[list(range(0, 10)), list(range(10, 20))],
-        image_size=size, make_backbone=backbone, device=device,
+        image_size=size,
+        make_backbone=backbone,
+        device=device,
     )
     s = STRATEGIES.get("cl-lora")(ctx)
     g = torch.Generator().manual_seed(0)
-    out: dict[str, Any] = {"backbone": "ViT-B/16 (random init), 224 px", "batch": batch,
-                           "images_per_task": n_img}
+    out: dict[str, Any] = {
+        "backbone": "ViT-B/16 (random init), 224 px",
+        "batch": batch,
+        "images_per_task": n_img,
+    }
     for t in range(2):
         cls = ctx.experience_classes[t]
         x = torch.rand(n_img, 3, size, size, generator=g)
@@ -119,8 +134,12 @@ def check_codec(spec: str, device: torch.device, batch: int, steps: int) -> dict
     model = codec.model if hasattr(codec, "model") else codec.net
     model = model.to(device).train()
     keep_entropy_models_fp32(model)
-    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.endswith(".quantiles")], 1e-4)
-    aux = torch.optim.Adam([p for n, p in model.named_parameters() if n.endswith(".quantiles")], 1e-3)
+    opt = torch.optim.Adam(
+        [p for n, p in model.named_parameters() if not n.endswith(".quantiles")], 1e-4
+    )
+    aux = torch.optim.Adam(
+        [p for n, p in model.named_parameters() if n.endswith(".quantiles")], 1e-3
+    )
     x = torch.rand(batch, 3, 256, 256, device=device)
     lmbda = 0.0130
 
@@ -141,10 +160,15 @@ def check_codec(spec: str, device: torch.device, batch: int, steps: int) -> dict
 
     loss = step()
     dt = _timed(step, steps)
-    res: dict[str, Any] = {"spec": spec, "batch": batch, "crop": 256,
-                           "params": sum(p.numel() for p in model.parameters()),
-                           "loss_finite": bool(torch.isfinite(loss)),
-                           "step_s": dt, "crops_per_s": batch / dt}
+    res: dict[str, Any] = {
+        "spec": spec,
+        "batch": batch,
+        "crop": 256,
+        "params": sum(p.numel() for p in model.parameters()),
+        "loss_finite": bool(torch.isfinite(loss)),
+        "step_s": dt,
+        "crops_per_s": batch / dt,
+    }
     model.eval()
     model.update(force=True)
     xi = torch.rand(1, 3, 256, 384, device=device)
@@ -158,12 +182,19 @@ def check_codec(spec: str, device: torch.device, batch: int, steps: int) -> dict
         dec = model.decompress(enc["strings"], enc["shape"])
         _sync()
         t2 = time.perf_counter()
-    nbits = 8 * sum(len(s[0]) for s in enc["strings"] if isinstance(s, list) and s and isinstance(s[0], bytes))
-    res.update({
-        "cuda_encode_s": t1 - t0, "cuda_decode_s": t2 - t1,
-        "roundtrip_max_abs_diff_vs_forward": float((dec["x_hat"].clamp(0, 1) - ref).abs().max()),
-        "bits_first_level_strings": nbits,
-    })
+    nbits = 8 * sum(
+        len(s[0]) for s in enc["strings"] if isinstance(s, list) and s and isinstance(s[0], bytes)
+    )
+    res.update(
+        {
+            "cuda_encode_s": t1 - t0,
+            "cuda_decode_s": t2 - t1,
+            "roundtrip_max_abs_diff_vs_forward": float(
+                (dec["x_hat"].clamp(0, 1) - ref).abs().max()
+            ),
+            "bits_first_level_strings": nbits,
+        }
+    )
     return res
 
 
@@ -180,10 +211,12 @@ def main() -> int:
     dev = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     report: dict[str, Any] = {
-        "command": "python benchmarks/perf/cuda_check.py " + " ".join(
-            f"--out {args.out}".split()),
-        "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else "none (cpu)", "torch": torch.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "parts": {},
+        "command": "python benchmarks/perf/cuda_check.py " + " ".join(f"--out {args.out}".split()),
+        "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else "none (cpu)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "parts": {},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,10 +225,12 @@ def main() -> int:
         out.with_suffix(".json").write_text(json.dumps(report, indent=2))
 
     parts = [("cl-lora", lambda: check_cl_lora(dev, args.clora_images, args.clora_batch))]
-    for spec in args.codec or ["bmshj2018-hyperprior:pretrained=false,N=128,M=192",
-                               "eff-lic:pretrained=false,transform=resnet,context=hyperprior,N=96,M=192",
-                               "eff-lic:pretrained=false,transform=convnext,context=channel,N=96,M=192",
-                               "eff-lic:pretrained=false,transform=swin,context=space-channel,N=96,M=192"]:
+    for spec in args.codec or [
+        "bmshj2018-hyperprior:pretrained=false,N=128,M=192",
+        "eff-lic:pretrained=false,transform=resnet,context=hyperprior,N=96,M=192",
+        "eff-lic:pretrained=false,transform=convnext,context=channel,N=96,M=192",
+        "eff-lic:pretrained=false,transform=swin,context=space-channel,N=96,M=192",
+    ]:
         parts.append((spec, lambda s=spec: check_codec(s, dev, args.codec_batch, args.codec_steps)))
     for name, fn in parts:
         t0 = time.perf_counter()
@@ -204,8 +239,10 @@ def main() -> int:
                 torch.cuda.reset_peak_memory_stats()
             report["parts"][name] = fn()
         except Exception as e:  # one part failing must not hide the others' figures
-            report["parts"][name] = {"error": f"{type(e).__name__}: {e}",
-                                     "traceback": traceback.format_exc()[-2000:]}
+            report["parts"][name] = {
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-2000:],
+            }
         report["parts"][name]["wall_s"] = time.perf_counter() - t0
         print(name, json.dumps(report["parts"][name])[:600], flush=True)
         save()
