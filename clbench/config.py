@@ -74,7 +74,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     scheduler: str = "none"  # none | cosine | multistep
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 where the device multiplies bf16 natively) | bf16 | fp16 | off
     num_workers: int = 0
     grad_clip: float | None = None
     channels_last: bool = False  # NHWC convolutions (faster for CNNs on CPU with oneDNN)
@@ -148,6 +148,9 @@ def _coerce(value: Any, ftype: str, name: str) -> Any:
             continue
         if isinstance(value, conv) and not (conv is int and isinstance(value, bool)):
             return value
+        if conv is str and isinstance(value, bool):
+            # YAML 1.1 (PyYAML, and so `--set`) reads a bare off/on as a bool: `amp: off`
+            return "on" if value else "off"
         if conv is float and isinstance(value, (int, str)) and not isinstance(value, bool):
             try:
                 return float(value)
@@ -277,8 +280,6 @@ def _check(cfg: BenchmarkConfig) -> None:
         )
     if cfg.train.epochs < 0 or cfg.train.batch_size <= 0:
         raise ConfigError("train.epochs must be >= 0 and train.batch_size > 0")
-    if cfg.train.amp is False:  # YAML 1.1 reads a bare `off` as false
-        cfg.train.amp = "off"
     if cfg.train.amp not in ("auto", "bf16", "fp16", "off"):
         raise ConfigError(f"train.amp {cfg.train.amp!r}: valid values: auto, bf16, fp16, off")
     from clbench.datasets.class_order import check_class_order  # the class-order registry

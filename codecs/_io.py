@@ -47,3 +47,19 @@ def data_path(path: str | None, data_root: str | None) -> str | None:
     if path is None or os.path.isabs(path) or Path(path).exists():
         return path
     return str(resolve_data_root(data_root) / path)
+
+
+def load_weights_file(path: str | os.PathLike, who: str, fix: str) -> Any:
+    """``torch.load(path, weights_only=True)`` of a codec checkpoint, every failure one line:
+    ``codec WHO: checkpoint P does not exist; FIX`` or ``... cannot load checkpoint P: why``."""
+    import torch
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ClbenchError(f"codec {who}: checkpoint {p} does not exist; {fix}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ClbenchError(
+            f"codec {who}: cannot load checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None

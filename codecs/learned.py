@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 
 from clbench.codecs import container
+from clbench.codecs._io import load_weights_file
 from clbench.codecs.base import Codec, CorruptDataError
 from clbench.codecs.registry import register_codec
 from clbench.errors import ClbenchError
@@ -87,22 +88,12 @@ def read_checkpoint(path: str | os.PathLike, who: str) -> tuple[dict[str, Any], 
     Accepts our training checkpoints, CompressAI zoo files and the usual wrappers
     ("state_dict", "network", "model_state_dict").
     """
-    import torch
 
     import_compressai()
     from compressai.zoo import load_state_dict
 
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ClbenchError(
-            f"codec {who}: checkpoint {p} does not exist; pass checkpoint=PATH to a .pth file"
-        )
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ClbenchError(
-            f"codec {who}: cannot load checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0]}"
-        ) from None
+    ckpt = load_weights_file(p, who, "pass checkpoint=PATH to a .pth file")
     if not isinstance(ckpt, dict):
         raise ClbenchError(
             f"codec {who}: checkpoint {p} holds a {type(ckpt).__name__}, not a state dict"

@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from clbench.codecs._io import load_weights_file
 from clbench.codecs.base import Codec
 from clbench.data import resolve_data_root
 from clbench.errors import ClbenchError, ConfigError
@@ -440,16 +441,7 @@ def read_icm_checkpoint(path: str | Path | None, who: str) -> tuple[dict[str, An
             f"codec {who}: pass checkpoint=PATH (train one with `clbench codec icm-train {who}`)"
         )
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ClbenchError(
-            f"codec {who}: checkpoint {p} does not exist; train one with `clbench codec icm-train`"
-        )
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ClbenchError(
-            f"codec {who}: cannot load checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0]}"
-        ) from None
+    ckpt = load_weights_file(p, who, "train one with `clbench codec icm-train`")
     meta = ckpt.get("clbench") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != ICM_CHECKPOINT_FORMAT:
         raise ClbenchError(

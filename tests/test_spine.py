@@ -434,3 +434,11 @@ def test_progress_bars_only_on_a_terminal(digits_scenario, tmp_path, monkeypatch
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     run_benchmark(cfg, tmp_path / "b", progress=True, log=lambda s: None)
     assert seen == [False, True]
+
+
+def test_a_bare_off_from_yaml_or_set_is_the_string_off():
+    """YAML 1.1 reads `off` as false; `--set train.amp=off` must still mean amp off."""
+    from clbench.config import load_config
+
+    assert load_config("digits", ["train.amp=off"]).train.amp == "off"
+    assert load_config({"train": {"amp": False}, "strategies": ["er"]}).train.amp == "off"
