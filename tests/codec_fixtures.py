@@ -67,3 +67,48 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> list[np.ndarray]:
+    """Natural-ish images (smooth gradients + noise) so that JPEG has something to do."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        a, b, c = rng.uniform(0, 1, 3)
+        base = np.stack([a * xx + b * yy, b * xx + c * yy, c * xx + a * yy], -1) * 200
+        out.append(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
+    return out
+
+
+def smooth_scenario(dataset: str, name: str, **train):
+    """(config, scenario) of 4 classes of 80 smooth 32x32 images (60 train, 20 test) in two
+    experiences, a tiny CNN and one epoch; ``dataset`` is registered only while loading."""
+    from clbench.config import load_config
+    from clbench.data import ImageSet
+    from clbench.datasets import DATASETS, register_dataset
+    from clbench.scenarios import build_scenario
+
+    @register_dataset(dataset)
+    def _load(root, *, download=False, variant=None):
+        imgs = np.stack(smooth_images(80))
+        labels = np.arange(80) % 4
+        classes = ["a", "b", "c", "d"]
+        return (
+            ImageSet(labels[:60], classes, images=imgs[:60]),
+            ImageSet(labels[60:], classes, images=imgs[60:]),
+        )
+
+    cfg = load_config(
+        {
+            "name": name,
+            "dataset": {"name": dataset},
+            "scenario": {"split": "B2Inc2", "class_order": "sorted"},
+            "backbone": {"name": "small_cnn", "kwargs": {"width": 8}},
+            "train": {"epochs": 1, "threads": 1, "amp": "off", **train},
+        }
+    )
+    try:
+        return cfg, build_scenario(cfg)
+    finally:  # the data is loaded: leave the global registry as the other tests expect it
+        DATASETS._items.pop(dataset, None)

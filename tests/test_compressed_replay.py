@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from codec_fixtures import smooth_images, smooth_scenario
 
 from clbench.codecs import format_spec, get_codec
 from clbench.config import load_config
@@ -24,48 +25,11 @@ from clbench.strategies.replay import herding_order
 FAST = ["train.epochs=2", "backbone.kwargs.hidden=32", "train.threads=1"]
 
 
-def smooth_images(n: int, size: int = 32, seed: int = 0) -> list[np.ndarray]:
-    """Natural-ish images (smooth gradients + noise) so that JPEG has something to do."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = []
-    for _ in range(n):
-        a, b, c = rng.uniform(0, 1, 3)
-        base = np.stack([a * xx + b * yy, b * xx + c * yy, c * xx + a * yy], -1) * 200
-        out.append(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
-    return out
-
-
 @pytest.fixture(scope="module")
 def smooth():
     """A 4-class scenario of 32x32 smooth images (registered as a test dataset), where
     JPEG beats PNG on size, so the selection rule has a real trade-off to make."""
-    from clbench.data import ImageSet
-    from clbench.datasets import DATASETS, register_dataset
-
-    @register_dataset("smooth32-test")
-    def _load(root, *, download=False, variant=None):
-        imgs = np.stack(smooth_images(80))
-        labels = np.arange(80) % 4
-        classes = ["a", "b", "c", "d"]
-        return (
-            ImageSet(labels[:60], classes, images=imgs[:60]),
-            ImageSet(labels[60:], classes, images=imgs[60:]),
-        )
-
-    cfg = load_config(
-        {
-            "name": "smooth",
-            "dataset": {"name": "smooth32-test"},
-            "scenario": {"split": "B2Inc2", "class_order": "sorted"},
-            "backbone": {"name": "small_cnn", "kwargs": {"width": 8}},
-            "train": {"epochs": 1, "threads": 1, "amp": "off"},
-        }
-    )
-    try:
-        return cfg, build_scenario(cfg)
-    finally:  # the data is loaded: leave the global registry as the other tests expect it
-        DATASETS._items.pop("smooth32-test", None)
+    return smooth_scenario("smooth32-test", "smooth")
 
 
 @pytest.fixture(scope="module")

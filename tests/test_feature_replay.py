@@ -12,27 +12,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from codec_fixtures import smooth_images, smooth_scenario
 
 from clbench.codecs import get_codec
 from clbench.config import load_config
 from clbench.errors import ConfigError
 from clbench.runner import build_strategy, run_one
-from clbench.scenarios import build_scenario
 from clbench.strategies.base import Experience
 
 SIZE = 32
 SPLIT = "blocks.1"  # (24, 8, 8) at 32 px
-
-
-def smooth_images(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    out = []
-    for _ in range(n):
-        a, b, c = rng.uniform(0, 1, 3)
-        base = np.stack([a * xx + b * yy, b * xx + c * yy, c * xx + a * yy], -1) * 200
-        out.append(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
-    return np.stack(out)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +45,7 @@ def codec_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
     fvr = FeatureVRNet(**arch)
     with torch.no_grad():
-        fvr.calibrate(tm.front(tm.preprocess(smooth_images(16, seed=9)), SPLIT))
+        fvr.calibrate(tm.front(tm.preprocess(np.stack(smooth_images(16, seed=9))), SPLIT))
     fvr.entropy_bottleneck.update(force=True)
     meta = {
         "format": ICM_CHECKPOINT_FORMAT,
@@ -73,32 +62,7 @@ def codec_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def scenario():
-    from clbench.data import ImageSet
-    from clbench.datasets import DATASETS, register_dataset
-
-    @register_dataset("smooth32-features-test")
-    def _load(root, *, download=False, variant=None):
-        imgs = smooth_images(80)
-        labels = np.arange(80) % 4
-        classes = ["a", "b", "c", "d"]
-        return (
-            ImageSet(labels[:60], classes, images=imgs[:60]),
-            ImageSet(labels[60:], classes, images=imgs[60:]),
-        )
-
-    cfg = load_config(
-        {
-            "name": "smooth-features",
-            "dataset": {"name": "smooth32-features-test"},
-            "scenario": {"split": "B2Inc2", "class_order": "sorted"},
-            "backbone": {"name": "small_cnn", "kwargs": {"width": 8}},
-            "train": {"epochs": 1, "threads": 1, "amp": "off", "batch_size": 8},
-        }
-    )
-    try:
-        return cfg, build_scenario(cfg)
-    finally:
-        DATASETS._items.pop("smooth32-features-test", None)
+    return smooth_scenario("smooth32-features-test", "smooth-features", batch_size=8)
 
 
 def _config(cfg, name: str, params: dict):
