@@ -186,6 +186,12 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def yaml_beside(module_file: str, name: str) -> Any:
+    """The parsed YAML file ``name`` beside ``module_file``: a module's shipped defaults."""
+    with open(Path(module_file).with_name(name)) as f:
+        return yaml.safe_load(f)
+
+
 def find_shipped_yaml(
     name_or_path: str, folder: Path, kind: str, listed: str, *, existing_is_path: bool = True
 ) -> Path:

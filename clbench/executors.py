@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import importlib
-import inspect
 import os
 import signal
 import subprocess
@@ -183,18 +182,10 @@ def create_executor(spec: dict[str, Any] | None) -> Executor:
     as its options; unknown names and options are one-line errors, checked before any job."""
     spec = dict(spec or {})
     name = spec.pop("name", "local")
-    cls = EXECUTORS.get(str(name))
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p != "self"]
-    unknown = sorted(set(spec) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"executor {name!r} has no option {unknown[0]!r}; valid options: {', '.join(valid)}"
-        )
     try:
-        executor = cls(**spec)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"executor {name!r}: {e}") from None
+        executor = EXECUTORS.build(str(name), spec)
+    except ClbenchError as e:
+        raise ConfigError(str(e)) from None
     executor.check_available()
     return executor
 

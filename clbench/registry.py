@@ -14,9 +14,10 @@ messages (which list the valid names) are part of our user-facing contract.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from clbench.errors import ClbenchError
 
@@ -92,6 +93,28 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}{hint}; valid {self.kind} names: "
                 f"{', '.join(sorted(self._items))}"
             ) from None
+
+    def build(self, name: str, options: dict[str, Any], prefix: str = "") -> Any:
+        """Call the factory ``name`` with ``options`` as keywords. An option its signature
+        does not take (unless it takes ``**kwargs``) is a one-line error listing the valid
+        ones; a ``TypeError``/``ValueError`` from the factory becomes a one-line error."""
+        factory = self.get(name)
+        what = f"{prefix}{self.kind} {name!r}"
+        try:
+            params = dict(inspect.signature(factory).parameters)
+        except (TypeError, ValueError):  # no introspectable signature: let the call decide
+            params = None
+        if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            valid = list(params)
+            unknown = sorted(set(options) - set(valid))
+            if unknown:
+                raise ClbenchError(
+                    f"{what} has no option {unknown[0]!r}; valid options: {', '.join(valid) or 'none'}"
+                )
+        try:
+            return factory(**options)
+        except (TypeError, ValueError) as e:
+            raise ClbenchError(f"{what}: {e}") from None
 
     def names(self) -> list[str]:
         self._load()

@@ -52,18 +52,17 @@ from __future__ import annotations
 import math
 import struct
 from functools import cache
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import yaml
 
 from clbench.codecs import container
 from clbench.codecs.base import CorruptDataError
 from clbench.codecs.learned import CompressAICodec, import_compressai
 from clbench.codecs.registry import get_codec, register_codec
 from clbench.codecs.train_methods import TrainMethod, register_train_method
+from clbench.config import yaml_beside
 from clbench.errors import ClbenchError
 
 if TYPE_CHECKING:
@@ -77,8 +76,7 @@ STRIDES = (32, 16, 8)  # strides of the latent blocks, after the top latent at s
 @cache
 def bgvae_config() -> dict[str, Any]:
     """The parsed ``bgvae.yaml``."""
-    with open(Path(__file__).with_name("bgvae.yaml")) as f:
-        return yaml.safe_load(f)
+    return yaml_beside(__file__, "bgvae.yaml")
 
 
 def parse_latents(text: Any) -> list[int]:

@@ -12,23 +12,21 @@ import importlib
 import io
 import math
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from PIL import Image, features
 
 from clbench.codecs.base import Codec, CorruptDataError
 from clbench.codecs.registry import register_codec
+from clbench.config import yaml_beside
 from clbench.errors import ClbenchError
 
 
 @cache
 def classic_config() -> dict[str, dict[str, Any]]:
     """The parsed ``classic.yaml`` (formats, knobs, options)."""
-    with open(Path(__file__).with_name("classic.yaml")) as f:
-        return yaml.safe_load(f)
+    return yaml_beside(__file__, "classic.yaml")
 
 
 def availability(name: str) -> str | None:

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from clbench.codecs.base import CorruptDataError
 from clbench.codecs.container import _join_strings, _read_strings
 from clbench.codecs.video import VideoCodec, as_clip, register_video_codec
+from clbench.config import yaml_beside
 from clbench.errors import ClbenchError
 
 CHECKPOINT_FORMAT = "clbench-dhvc-checkpoint/1"
@@ -52,8 +52,7 @@ ARCH = "dhvc"
 @cache
 def dhvc_config() -> dict[str, Any]:
     """The parsed ``dhvc.yaml`` beside this module."""
-    with open(Path(__file__).with_name("dhvc.yaml")) as f:
-        return yaml.safe_load(f)
+    return yaml_beside(__file__, "dhvc.yaml")
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,14 +34,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from clbench.codecs.base import format_spec
 from clbench.codecs.learned import CompressAICodec, import_compressai, read_checkpoint
 from clbench.codecs.registry import register_codec
+from clbench.config import yaml_beside
 from clbench.errors import ClbenchError
 from clbench.registry import Registry
 
@@ -54,8 +52,7 @@ CONTEXTS: Registry[Callable[..., Any]] = Registry("eff-lic context")
 @cache
 def eff_lic_config() -> dict[str, Any]:
     """The parsed ``eff_lic.yaml``."""
-    with open(Path(__file__).with_name("eff_lic.yaml")) as f:
-        return yaml.safe_load(f)
+    return yaml_beside(__file__, "eff_lic.yaml")
 
 
 # -- transforms ------------------------------------------------------------------------------

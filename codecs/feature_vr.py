@@ -46,13 +46,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
 from clbench.codecs import container
@@ -65,6 +63,7 @@ from clbench.codecs.task_model import (
     read_icm_checkpoint,
     task_model_for,
 )
+from clbench.config import yaml_beside
 from clbench.errors import ClbenchError
 
 NAME = "feature-vr"
@@ -72,8 +71,7 @@ NAME = "feature-vr"
 
 @cache
 def feature_vr_defaults() -> dict[str, Any]:
-    with open(Path(__file__).with_name("feature_vr.yaml")) as f:
-        return yaml.safe_load(f)
+    return yaml_beside(__file__, "feature_vr.yaml")
 
 
 class AdaLNConvNeXtBlock(nn.Module):

@@ -79,7 +79,9 @@ class LoRAICM(nn.Module):
         self.tasks: dict[str, str] = {}  # adapter name -> task
         self.active: str | None = None
 
-    def add_adapter(self, name: str, task: str, rank: int, alpha: float) -> None:
+    def add_adapter(
+        self, name: str, task: str, rank: int, alpha: float, init_scale: float = 10.0
+    ) -> None:
         import peft
         from compressai.entropy_models import EntropyBottleneck
 
@@ -92,7 +94,7 @@ class LoRAICM(nn.Module):
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             peft.inject_adapter_in_model(cfg, self.tm.net, adapter_name=name)
         self.log_steps[name] = nn.Parameter(torch.zeros(self.channels))
-        self.entropy[name] = EntropyBottleneck(self.channels)
+        self.entropy[name] = EntropyBottleneck(self.channels, init_scale=float(init_scale))
         groups = task_label_map(task, self.tm.spec.classes or [])
         if groups is not None:
             self.heads[name] = nn.Linear(self.tm.net.num_features, int(groups.max()) + 1)
@@ -201,7 +203,7 @@ class LoRAICMMethod(ICMMethod):
         self.task = str(o["task"])
         self.groups = task_label_map(self.task, tm.spec.classes or [])
         self.model = LoRAICM(tm, split)
-        self.model.add_adapter(self.task, self.task, o["rank"], o["alpha"])
+        self.model.add_adapter(self.task, self.task, o["rank"], o["alpha"], o["entropy_init_scale"])
         return self.model
 
     def arch(self) -> dict[str, Any]:
@@ -226,9 +228,14 @@ class LoRAICMMethod(ICMMethod):
         self.model.log_steps[self.task].copy_(f.std((0, 2, 3)).clamp_min(1e-3).log())
 
     def lr_scales(self, model: nn.Module) -> dict[int, float]:
-        # The quantisation steps start at 1 and must move by orders of magnitude between
-        # rates; at the adapters' learning rate they would barely move in a CPU budget.
-        return {id(self.model.log_steps[self.task]): float(self.options["step_lr_scale"])}
+        # The quantisation steps and the entropy model's density must move by orders of
+        # magnitude between rates; at the adapters' learning rate they would barely move in
+        # a CPU budget (the density lagging behind kept every rate near 13 bpp).
+        scales = {id(self.model.log_steps[self.task]): float(self.options["step_lr_scale"])}
+        for p in self.model.entropy[self.task].parameters():
+            if p is not self.model.entropy[self.task].quantiles:
+                scales[id(p)] = float(self.options["entropy_lr_scale"])
+        return scales
 
     def _labels(self, y: Tensor) -> Tensor:
         return y if self.groups is None else torch.from_numpy(self.groups)[y]

@@ -37,6 +37,7 @@ import numpy as np
 import yaml
 
 from clbench.codecs.base import parse_value
+from clbench.config import yaml_beside
 from clbench.errors import ClbenchError, ConfigError, exit_status
 from clbench.registry import Registry
 
@@ -130,8 +131,7 @@ def register_icm_method(name: str) -> Callable[[M], M]:
 
 @cache
 def loop_defaults() -> dict[str, Any]:
-    with open(Path(__file__).with_name("icm_train.yaml")) as f:
-        return yaml.safe_load(f)
+    return yaml_beside(__file__, "icm_train.yaml")
 
 
 def method_options(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -418,8 +418,14 @@ def train(cfg: ICMTrainConfig, resume: bool = False, progress: bool = True) -> d
         if state["step"] % cfg.ckpt_every == 0:
             save()
     bar.close()
-    rec = validate()
-    save()
+    done = state["history"] and state["history"][-1]["step"] == state["step"]
+    if (
+        done and ckpt is not None
+    ):  # resuming a finished run: keep its checkpoint and log as they are
+        rec = dict(state["history"][-1])
+    else:
+        rec = validate()
+        save()
     rec["trainable_params"] = trainable
     rec["train_flops_per_step"] = flops_step
     return rec

@@ -31,12 +31,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-import yaml
 
 from clbench.codecs import container
 from clbench.codecs._io import load_weights_file
 from clbench.codecs.base import Codec, CorruptDataError
 from clbench.codecs.registry import register_codec
+from clbench.config import yaml_beside
 from clbench.errors import ClbenchError
 
 CHECKPOINT_FORMAT = "clbench-codec-checkpoint/1"
@@ -45,8 +45,7 @@ CHECKPOINT_FORMAT = "clbench-codec-checkpoint/1"
 @cache
 def learned_config() -> dict[str, Any]:
     """The parsed ``learned.yaml``."""
-    with open(Path(__file__).with_name("learned.yaml")) as f:
-        return yaml.safe_load(f)
+    return yaml_beside(__file__, "learned.yaml")
 
 
 @cache

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
 from clbench.codecs._io import load_weights_file
 from clbench.codecs.base import Codec
+from clbench.config import yaml_beside
 from clbench.data import resolve_data_root
 from clbench.errors import ClbenchError, ConfigError
 
@@ -37,8 +37,7 @@ _HEAD_START = ("global_pool", "head", "fc", "classifier", "head_drop")
 @cache
 def task_model_presets() -> dict[str, dict[str, Any]]:
     """Named task-model specs (``task_model.yaml``)."""
-    with open(Path(__file__).with_name("task_model.yaml")) as f:
-        return yaml.safe_load(f)["presets"]
+    return yaml_beside(__file__, "task_model.yaml")["presets"]
 
 
 @dataclass
@@ -347,8 +346,7 @@ def task_label_map(task: str, classes: Sequence[str]) -> np.ndarray | None:
 
 @cache
 def task_model_tasks() -> dict[str, dict[str, Any] | None]:
-    with open(Path(__file__).with_name("task_model.yaml")) as f:
-        return yaml.safe_load(f)["tasks"]
+    return yaml_beside(__file__, "task_model.yaml")["tasks"]
 
 
 @dataclass

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from clbench.atomic import torch_save_atomic
 from clbench.codecs._io import find_images, write_json
@@ -43,6 +42,7 @@ from clbench.codecs.base import format_spec, parse_spec
 from clbench.codecs.learned import CHECKPOINT_FORMAT, import_compressai, learned_config
 from clbench.codecs.registry import get_codec
 from clbench.codecs.train_methods import TrainMethod, build_method
+from clbench.config import yaml_beside
 from clbench.data import load_rgb
 from clbench.errors import ClbenchError
 from clbench.registry import Registry
@@ -51,8 +51,7 @@ from clbench.registry import Registry
 @cache
 def train_defaults() -> dict[str, Any]:
     """The parsed ``train.yaml`` (defaults of every ``clbench codec train`` option)."""
-    with open(Path(__file__).with_name("train.yaml")) as f:
-        return yaml.safe_load(f)
+    return yaml_beside(__file__, "train.yaml")
 
 
 @dataclass

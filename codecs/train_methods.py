@@ -18,14 +18,11 @@ register through the ``clbench.train_methods`` entry-point group.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import yaml
-
+from clbench.config import yaml_beside
 from clbench.errors import ClbenchError
 from clbench.registry import Registry
 
@@ -62,8 +59,7 @@ def register_train_method(name: str, *aliases: str) -> Callable[[M], M]:
 @cache
 def method_defaults() -> dict[str, dict[str, Any]]:
     """Per-method default options (``train_methods.yaml``)."""
-    with open(Path(__file__).with_name("train_methods.yaml")) as f:
-        return yaml.safe_load(f) or {}
+    return yaml_beside(__file__, "train_methods.yaml") or {}
 
 
 class TrainMethod:
@@ -119,23 +115,8 @@ class Standard(TrainMethod):
 def build_method(name: str, options: dict[str, Any] | None = None) -> TrainMethod:
     """The method ``name`` with its YAML defaults overridden by ``options``; unknown
     methods or options are one-line errors listing the valid ones."""
-    factory = TRAIN_METHODS.get(name)
     opts = {**method_defaults().get(name, {}), **(options or {})}
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # no introspectable signature: let the call decide
-        params = None
-    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(opts) - set(params))
-        if unknown:
-            valid = ", ".join(sorted(params)) or "none"
-            raise ClbenchError(
-                f"codec train: training method {name} has no option {unknown[0]!r}; valid options: {valid}"
-            )
-    try:
-        method = factory(**opts)
-    except (TypeError, ValueError) as e:
-        raise ClbenchError(f"codec train: training method {name}: {e}") from None
+    method = TRAIN_METHODS.build(name, opts, prefix="codec train: ")
     if not isinstance(method, TrainMethod):
         raise ClbenchError(
             f"codec train: training method {name} built a {type(method).__name__}, not a TrainMethod"

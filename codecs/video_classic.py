@@ -15,21 +15,19 @@ from __future__ import annotations
 import struct
 from fractions import Fraction
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from clbench.codecs.base import CorruptDataError
 from clbench.codecs.video import VideoCodec, register_video_codec
+from clbench.config import yaml_beside
 from clbench.errors import ClbenchError
 
 
 @cache
 def classic_config() -> dict[str, Any]:
-    with open(Path(__file__).with_name("video_classic.yaml")) as f:
-        return yaml.safe_load(f)
+    return yaml_beside(__file__, "video_classic.yaml")
 
 
 class PyAVCodec(VideoCodec):

@@ -28,16 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from clbench.codecs._io import data_path, write_json
+from clbench.config import yaml_beside
 from clbench.errors import ClbenchError, exit_status
 
 
 @cache
 def video_train_defaults() -> dict[str, Any]:
-    with open(Path(__file__).with_name("video_train.yaml")) as f:
-        return yaml.safe_load(f)
+    return yaml_beside(__file__, "video_train.yaml")
 
 
 @dataclass

@@ -283,7 +283,7 @@ def test_several_lambdas_in_one_command_one_run_folder_each(tmp_path):
     "extra, message",
     [
         (["--method", "nope"], "unknown training method 'nope'"),
-        (["--method-opt", "gamma=1"], "training method standard has no option 'gamma'"),
+        (["--method-opt", "gamma=1"], "training method 'standard' has no option 'gamma'"),
         (["--schedule", "linear"], "unknown learning-rate schedule"),
         (["--amp", "fp8"], "unknown precision"),
         (["--ema", "1.5"], "--ema 1.5 must be in"),

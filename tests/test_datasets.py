@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -440,6 +441,28 @@ def test_every_unreadable_file_is_named_in_one_message(tmp_path, monkeypatch):
         assert msg.startswith("mine: 3 of 5 image files cannot be read: ") and "\n" not in msg
         assert "bad0.jpg (" in msg and "bad1.jpg (empty file (0 bytes))" in msg
         assert msg.endswith("; and 1 more; delete or replace them")
+
+
+def test_a_large_set_that_passed_the_file_check_is_remembered(tmp_path, monkeypatch):
+    monkeypatch.setattr("clbench.data.VERIFY_CACHE_MIN", 2)
+    monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path / "cache"))
+    paths = [str(write_image(tmp_path / f"{i}.png")) for i in range(3)]
+    lazy = ImageSet(targets=[0, 1, 0], classes=["a", "b"], paths=paths, name="big")
+    lazy.check_files()
+    assert len(list((tmp_path / "cache" / "verified-files").iterdir())) == 1
+    # same paths, sizes and mtimes: only stat, so damage inside a header goes unseen...
+    st = os.stat(paths[1])
+    with open(paths[1], "r+b") as f:
+        f.write(b"garbage!")
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    lazy.check_files()
+    # ...but a changed size or mtime, or an empty file, is checked again
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ClbenchError, match=r"big: 1 of 3 image files cannot be read: .*1\.png"):
+        lazy.check_files()
+    Path(paths[1]).write_bytes(b"")
+    with pytest.raises(ClbenchError, match="empty file"):
+        lazy.check_files()
 
 
 def test_decoded_images_are_writable_so_torch_does_not_warn(tmp_path):

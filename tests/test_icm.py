@@ -271,6 +271,12 @@ def test_icm_training_resumes_bit_identically(root: Path, tmp_path: Path, monkey
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     assert a["clbench"]["trainable_params"] > 0 and a["clbench"]["train_flops_per_step"] > 0
+    # resuming a finished run trains nothing and rewrites nothing (its export stays identical)
+    before = (tmp_path / "a" / "last.pth").read_bytes()
+    log = (tmp_path / "a" / "train_log.json").read_text()
+    rec = train(cfg(tmp_path / "a"), resume=True, progress=False)
+    assert rec["step"] == 4 and (tmp_path / "a" / "last.pth").read_bytes() == before
+    assert (tmp_path / "a" / "train_log.json").read_text() == log
 
 
 # ---------------------------------------------------------------------------------------

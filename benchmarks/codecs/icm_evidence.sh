@@ -19,10 +19,10 @@ train() {  # out method steps args...
 lane1() {
   train fvr-b1 feature-vr --split blocks.1 --steps 800 --lr 3e-3
   train fvr-b2 feature-vr --split blocks.2 --steps 1300 --lr 3e-3
-  for l in 0.4 1.6; do train lora-coarse-l$l icm-lora --set task=coarse --set lmbda=$l --steps 250; done
+  for l in 0.1 0.4; do train lora-coarse-l$l icm-lora --set task=coarse --set lmbda=$l --steps 400; done
 }
 lane2() {
-  for l in 0.1 0.4 1.6 6.4; do train lora-fine-l$l icm-lora --set lmbda=$l --steps 350; done
+  for l in 0.4 1.6 6.4 25; do train lora-fine-l$l icm-lora --set lmbda=$l --steps 400; done
 }
 mkdir -p runs/icm results/codecs/trained
 lane1 > runs/icm/lane1.log 2>&1 & p1=$!

@@ -14,6 +14,10 @@ continues an interrupted study:
    against JPEG at its PSNR; the grid is ranked by validation loss (Kodak never chooses).
 3. ``final``: the ``--best`` models (or ``--final SPEC ...``) at the four final λ, one
    command each (``--final-minutes`` per λ).
+
+``--jobs N`` runs N trainings at once (grid models, or one λ each in the final phase),
+each with ``--threads`` threads: ``--jobs 2 --threads 1`` keeps both cores of a 2-core
+machine busy with two single-thread trainings.
 4. ``final-eval``: Kodak R-D of the final curves against JPEG, WebP, AVIF and the published
    anchors: BD-rates, R-D plot and the Pareto plot of BD-rate against decoder kMACs/pixel
    (the evaluation wing, ``clbench codec eval``).
@@ -31,7 +35,9 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +64,7 @@ def load_settings(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--final-lambdas", nargs="+", type=float, default=cfg["final_lambdas"])
     p.add_argument("--final-minutes", type=float, default=cfg["final_minutes"])
     p.add_argument("--threads", type=int, default=cfg["threads"])
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at once")
     p.add_argument(
         "--recipe",
         action="append",
@@ -99,26 +106,41 @@ class Study:
     def __init__(self, a: argparse.Namespace):
         self.a = a
         self.log = a.results / "commands.md"
+        self._lock = threading.Lock()
 
     # -- running commands ---------------------------------------------------------------
     def run(self, args: list[str], why: str) -> None:
-        cmd = ["clbench", *args]
-        text = shlex.join(cmd)
-        print(f"\n# {why}\n{text}", flush=True)
-        if self.a.dry_run:
-            return
-        self.a.results.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "a") as f:
-            f.write(f"\n- {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {why}:\n\n")
-            f.write(f"  ```bash\n  {text}\n  ```\n")
+        self.run_all([(args, why)])
+
+    def run_all(self, cmds: list[tuple[list[str], str]]) -> None:
+        """Run ``clbench`` commands, ``--jobs`` at a time; stop after them if any failed."""
+        with ThreadPoolExecutor(max(1, self.a.jobs)) as pool:
+            failed = [f for f in pool.map(lambda c: self._run_one(*c), cmds) if f]
+        if failed:
+            sys.exit(f"lic_study: {failed[0]}")
+
+    def _run_one(self, args: list[str], why: str) -> str | None:
+        text = shlex.join(["clbench", *args])
+        with self._lock:
+            print(f"\n# {why}\n{text}", flush=True)
+            if self.a.dry_run:
+                return None
+            self.a.results.mkdir(parents=True, exist_ok=True)
+            with open(self.log, "a") as f:
+                f.write(f"\n- {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {why}:\n\n")
+                f.write(f"  ```bash\n  {text}\n  ```\n")
         env = {**os.environ, "OMP_NUM_THREADS": str(self.a.threads)}
         res = subprocess.run([sys.executable, "-m", "clbench", *args], env=env)
         if res.returncode:
-            sys.exit(
-                f"lic_study: this command failed (exit {res.returncode}); fix it and rerun: {text}"
-            )
+            return f"this command failed (exit {res.returncode}); fix it and rerun: {text}"
+        return None
 
     def train(self, spec: str, lambdas: list[float], minutes: float, out: Path, why: str) -> None:
+        self.run(*self.train_cmd(spec, lambdas, minutes, out, why))
+
+    def train_cmd(
+        self, spec: str, lambdas: list[float], minutes: float, out: Path, why: str
+    ) -> tuple[list[str], str]:
         a = self.a
         args = ["codec", "train", spec, "--data-root", a.data_root]
         args += ["--train", a.data["train"], "--val", a.data["val"], "--out", str(out)]
@@ -126,7 +148,7 @@ class Study:
         args += ["--threads", str(a.threads), "--resume", "--no-progress"]
         for k, v in a.recipe_opts.items():
             args += _flag(k, v).split()
-        self.run(args, why)
+        return args, why
 
     def evaluate(self, name: str, curves: dict[str, Any], anchors: list[str], why: str) -> None:
         """Write the benchmark YAML beside its results, then ``clbench codec eval`` it."""
@@ -166,9 +188,12 @@ class Study:
 
     def grid(self) -> None:
         a = self.a
+        cmds = []
         for spec in self.grid_specs():
             why = f"grid: {label(spec)} at lambda {a.grid_lambda:g}, {a.grid_minutes:g} min"
-            self.train(spec, [a.grid_lambda], a.grid_minutes, a.runs / "grid" / label(spec), why)
+            out = a.runs / "grid" / label(spec)
+            cmds.append(self.train_cmd(spec, [a.grid_lambda], a.grid_minutes, out, why))
+        self.run_all(cmds)
 
     def grid_eval(self) -> None:
         out = self.a.results / "grid"
@@ -232,9 +257,18 @@ class Study:
 
     def final(self) -> None:
         a = self.a
+        cmds = []
         for spec in self.final_specs():
-            why = f"final: {spec} at {len(a.final_lambdas)} lambdas, {a.final_minutes:g} min each"
-            self.train(spec, a.final_lambdas, a.final_minutes, self.final_dir(spec), why)
+            d, lams = self.final_dir(spec), a.final_lambdas
+            if a.jobs > 1 and len(lams) > 1:  # one command per λ, in the folders one would make
+                for lm in lams:
+                    why = f"final: {spec} at lambda {lm:g}, {a.final_minutes:g} min"
+                    out = d / f"lambda-{lm:g}"
+                    cmds.append(self.train_cmd(spec, [lm], a.final_minutes, out, why))
+            else:
+                why = f"final: {spec} at {len(lams)} lambdas, {a.final_minutes:g} min each"
+                cmds.append(self.train_cmd(spec, lams, a.final_minutes, d, why))
+        self.run_all(cmds)
 
     def final_eval(self) -> None:
         out = self.a.results / "final"
