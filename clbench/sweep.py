@@ -507,7 +507,11 @@ def plan(spec: SweepSpec, out: Path) -> list[PlannedJob]:
         seen[j.run_id] = j
     if not seen:
         raise ConfigError(f"{where}: no jobs (every job is excluded)")
-    return list(seen.values())
+    # Seed-major (stable) order: a sweep stopped part-way holds whole curves at its first seeds.
+    rank: dict[int, int] = {}
+    for j in seen.values():
+        rank.setdefault(j.seed, len(rank))
+    return sorted(seen.values(), key=lambda j: rank[j.seed])
 
 
 # --------------------------------------------------------------------------- status

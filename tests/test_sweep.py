@@ -74,6 +74,8 @@ def test_grid_labels_give_distinct_run_ids_and_configs(tmp_path):
     assert j.config["strategy_params"]["er@mem_size=20"]["mem_size"] == 20
     assert j.config["train"]["epochs"] == 1 and j.config["name"] == "digits-t"
     assert j.point == {"strategy_params.{strategy}.mem_size": 20}
+    # seed-major: every grid point at seed 0 before any at seed 1
+    assert [j.seed for j in jobs] == [0, 0, 1, 1]
 
 
 def test_grid_key_of_one_strategy_does_not_multiply_the_others(tmp_path):
