@@ -22,7 +22,7 @@ lane1() {
   for l in 0.1 0.4; do train lora-coarse-l$l icm-lora --set task=coarse --set lmbda=$l --steps 400; done
 }
 lane2() {
-  for l in 0.4 1.6 6.4 25; do train lora-fine-l$l icm-lora --set lmbda=$l --steps 400; done
+  for l in 0.1 0.4 0.8 1.6; do train lora-fine-l$l icm-lora --set lmbda=$l --steps 400; done
 }
 mkdir -p runs/icm results/codecs/trained
 lane1 > runs/icm/lane1.log 2>&1 & p1=$!
