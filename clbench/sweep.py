@@ -1073,6 +1073,11 @@ def add_executor_arguments(p: argparse.ArgumentParser) -> None:
         "--dry-run", action="store_true", help="list the jobs and what is recorded; run nothing"
     )
     p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the leaderboard and report from the records already there; run nothing",
+    )
+    p.add_argument(
         "--no-leaderboard", action="store_true", help="do not build the leaderboard at the end"
     )
 
@@ -1099,6 +1104,15 @@ def execute(spec: SweepSpec, args: argparse.Namespace, default_out: Path) -> int
         todo = {j.config_path: j.config for j in jobs if j.status != "recorded"}
         problems = requirements(todo.values(), data_root, spec.hints) if todo else []
         print_plan(jobs, out, executor, problems)
+        return 0
+    if getattr(args, "report_only", False):  # e.g. after a sweep stopped part-way
+        jobs = plan(spec, out)
+        if not args.no_leaderboard and any(job_status(j, out)[0] == "recorded" for j in jobs):
+            from clbench.leaderboard import build_leaderboard
+
+            build_leaderboard(out)
+        paths = write_report(spec, out, jobs)
+        _say(f"report: {', '.join(str(p) for p in paths)}" if paths else f"{out}: no records yet")
         return 0
     run = run_sweep(
         spec, out, executor=executor, data_root=data_root, device=device,

@@ -280,6 +280,12 @@ def test_local_sweep_killed_midway_reruns_only_the_missing_jobs(tmp_path, capsys
     assert {r for r, s in status.items() if s == "recorded"} == before
     assert all(s in ("missing", "partial") for r, s in status.items() if r not in before)
 
+    # a report of what is recorded so far, running nothing
+    assert main(["sweep", str(path), "--out", str(out), "--report-only"]) == 0
+    partial_report = (out / "sweeps" / "sweep" / "report.md").read_text()
+    assert set(records(out)) == before and (out / "leaderboard.md").is_file()
+    assert "| er |" in partial_report
+
     assert main(["sweep", str(path), "--out", str(out)]) == 0
     summary = json.loads((out / "sweeps" / "sweep" / "summary.json").read_text())
     status = {j["run_id"]: j["status"] for j in summary["jobs"]}
