@@ -313,7 +313,7 @@ def test_eval_resize_is_pilots_resize_then_centre_crop(tmp_path):
     cfg = load_config("imagenet-r-ptm", [*overrides, "transforms.eval_resize=20"])
     x, _, _ = build_scenario(cfg, tmp_path).test_stream[0].dataset.eval()[0]
     ref = im.resize((30, 20), Image.Resampling.BICUBIC).crop((7, 2, 23, 18))  # 20 x 30 -> 16
-    ref = torch.from_numpy(np.asarray(ref)).permute(2, 0, 1).float() / 255
+    ref = torch.from_numpy(np.array(ref)).permute(2, 0, 1).float() / 255
     assert x.shape == (3, 16, 16) and (x - ref).abs().max() <= 2 / 255
     direct, _, _ = (
         build_scenario(load_config("imagenet-r-ptm", overrides), tmp_path)
