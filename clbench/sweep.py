@@ -806,7 +806,26 @@ def run_sweep(
     finally:
         _write_summary(run, started)
     failed = [(rid, r) for rid, r in run.results.items() if r["status"] == "failed"]
-    if leaderboard and any(r["status"] in ("ok", "recorded") for r in run.results.values()):
+    recorded = any(r["status"] in ("ok", "recorded") for r in run.results.values())
+    write_outputs(spec, out, jobs, leaderboard=leaderboard and recorded, log=log)
+    if failed:
+        log(f"{len(failed)} job(s) failed (rerun the sweep to retry only these):")
+        for rid, r in failed:
+            log(f"  {rid}: {r['error']} (log: {r['log']})")
+    return run
+
+
+def write_outputs(
+    spec: SweepSpec,
+    out: Path,
+    jobs: Sequence[PlannedJob],
+    *,
+    leaderboard: bool,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """The end of a sweep (or ``--report-only``): the leaderboard once, then the report."""
+    log = log or _say
+    if leaderboard:
         from clbench.leaderboard import build_leaderboard
 
         build_leaderboard(out)
@@ -814,11 +833,7 @@ def run_sweep(
     paths = write_report(spec, out, jobs)
     if paths:
         log(f"report: {', '.join(str(p) for p in paths)}")
-    if failed:
-        log(f"{len(failed)} job(s) failed (rerun the sweep to retry only these):")
-        for rid, r in failed:
-            log(f"  {rid}: {r['error']} (log: {r['log']})")
-    return run
+    return paths
 
 
 # --------------------------------------------------------------------------- report
@@ -1107,12 +1122,9 @@ def execute(spec: SweepSpec, args: argparse.Namespace, default_out: Path) -> int
         return 0
     if getattr(args, "report_only", False):  # e.g. after a sweep stopped part-way
         jobs = plan(spec, out)
-        if not args.no_leaderboard and any(job_status(j, out)[0] == "recorded" for j in jobs):
-            from clbench.leaderboard import build_leaderboard
-
-            build_leaderboard(out)
-        paths = write_report(spec, out, jobs)
-        _say(f"report: {', '.join(str(p) for p in paths)}" if paths else f"{out}: no records yet")
+        recorded = any(job_status(j, out)[0] == "recorded" for j in jobs)
+        if not write_outputs(spec, out, jobs, leaderboard=not args.no_leaderboard and recorded):
+            _say(f"{out}: no records yet")
         return 0
     run = run_sweep(
         spec, out, executor=executor, data_root=data_root, device=device,

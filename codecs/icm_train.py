@@ -418,11 +418,9 @@ def train(cfg: ICMTrainConfig, resume: bool = False, progress: bool = True) -> d
         if state["step"] % cfg.ckpt_every == 0:
             save()
     bar.close()
-    done = state["history"] and state["history"][-1]["step"] == state["step"]
-    if (
-        done and ckpt is not None
-    ):  # resuming a finished run: keep its checkpoint and log as they are
-        rec = dict(state["history"][-1])
+    hist = state["history"]
+    if ckpt is not None and hist and hist[-1]["step"] == state["step"]:
+        rec = dict(hist[-1])  # resumed a finished run: its checkpoint and log stay as they are
     else:
         rec = validate()
         save()
