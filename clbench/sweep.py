@@ -109,6 +109,7 @@ class SweepSpec:
     data_root: str | None = None
     device: str = "cpu"
     report_x: str | None = None
+    report_compare: list[tuple[str, str]] = field(default_factory=list)  # (A, B) row pairs
     description: str = ""
     source: Path | None = None
     hints: dict[str, str] = field(default_factory=dict)  # file -> how to make it
@@ -278,7 +279,16 @@ def load_sweep(source: str | os.PathLike | dict, *, where: str | None = None) ->
             f"{where}: exclude: expected a list of mappings (axis or strategy: value)"
         )
     report = _mapping(data.get("report"), f"{where}: report")
-    _check_keys(report, ("x",), f"{where}: report")
+    _check_keys(report, ("x", "compare"), f"{where}: report")
+    compare = report.get("compare") or []
+    if not isinstance(compare, list) or not all(
+        isinstance(c, list) and len(c) == 2 and all(isinstance(s, str) for s in c) and c[0] != c[1]
+        for c in compare
+    ):
+        raise ConfigError(
+            f"{where}: report.compare: expected a list of [A, B] pairs of two different "
+            "strategy rows, e.g. [[er, er-compressed]]"
+        )
     name = data.get("name") or (path.stem if path else "sweep")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", str(name)):
         raise ConfigError(f"{where}: name {name!r}: use letters, digits, _ . -")
@@ -298,12 +308,15 @@ def load_sweep(source: str | os.PathLike | dict, *, where: str | None = None) ->
         data_root=data.get("data_root"),
         device=str(data.get("device") or "cpu"),
         report_x=report.get("x"),
+        report_compare=[(a, b) for a, b in compare],
         description=str(data.get("description") or ""),
         source=path,
     )
     names = {a.name for a in spec.axes} | {a.label for a in spec.axes}
     if spec.report_x is not None and spec.report_x not in names:
         raise ConfigError(f"{where}: report.x {spec.report_x!r} is not a grid axis")
+    if spec.report_compare and _x_axis(spec) is None:
+        raise ConfigError(f"{where}: report.compare needs a numeric grid axis to compare along")
     valid_excl = {"benchmark", "strategy", "seed", *names}
     for e in exclude:
         for key in e:
@@ -507,6 +520,14 @@ def plan(spec: SweepSpec, out: Path) -> list[PlannedJob]:
         seen[j.run_id] = j
     if not seen:
         raise ConfigError(f"{where}: no jobs (every job is excluded)")
+    rows = sorted({j.row for j in seen.values()})
+    for pair in spec.report_compare:
+        for r in pair:
+            if r not in rows:
+                raise ConfigError(
+                    f"{where}: report.compare: {r!r} is not a strategy row of the sweep "
+                    f"(rows: {', '.join(rows)})"
+                )
     # Seed-major (stable) order: a sweep stopped part-way holds whole curves at its first seeds.
     rank: dict[int, int] = {}
     for j in seen.values():
@@ -862,6 +883,13 @@ def report_frame(spec: SweepSpec, out: Path, jobs: Sequence[PlannedJob]):
     if not rows:
         return None, None
     runs = pd.DataFrame(rows)
+    return runs, aggregate(runs, spec)
+
+
+def aggregate(runs, spec: SweepSpec):
+    """Per-seed rows -> one row per (benchmark, strategy row, grid point): mean, std."""
+    import pandas as pd
+
     keys = ["benchmark", "strategy", *(a.name for a in spec.axes)]
     named: dict[str, Any] = {"n_seeds": ("seed", "nunique"), "n_classes": ("n_classes", "max")}
     for m, _ in _REPORT_METRICS:
@@ -869,8 +897,7 @@ def report_frame(spec: SweepSpec, out: Path, jobs: Sequence[PlannedJob]):
         named[f"{m}_std"] = (m, lambda s: s.std(ddof=1))
     named["memory_bytes"] = ("memory_bytes", "mean")
     named["exemplars"] = ("exemplars", lambda s: pd.to_numeric(s, errors="coerce").mean())
-    table = runs.groupby(keys, sort=False).agg(**named).reset_index()
-    return runs, table
+    return runs.groupby(keys, sort=False).agg(**named).reset_index()
 
 
 def _pm(mean: float, std: float) -> str:
@@ -885,11 +912,19 @@ def _x_axis(spec: SweepSpec) -> Axis | None:
     return numeric[0] if numeric else None
 
 
-def _leads(runs, table, spec: SweepSpec, x: Axis, metric: str) -> list[list[str]]:
-    """At each x: the leader, the runner-up, the gap and whether it is inside the noise
-    (Welch's t-test over seeds, p >= 0.05, or fewer than 2 seeds on either side)."""
+def _welch(sa, sb) -> tuple[str, str]:
+    """Welch's t-test over seeds: (p as text, verdict); p >= 0.05, or fewer than 2 seeds on
+    either side, is inside the noise."""
     from scipy import stats
 
+    if len(sa) < 2 or len(sb) < 2:
+        return "—", "one seed: cannot tell"
+    p = float(stats.ttest_ind(sa, sb, equal_var=False).pvalue)
+    return f"{p:.3f}", "inside the noise" if not p < 0.05 else "outside the noise"
+
+
+def _leads(runs, table, spec: SweepSpec, x: Axis, metric: str) -> list[list[str]]:
+    """At each x: the leader, the runner-up, the gap and whether it is inside the noise."""
     out = []
     others = [a.name for a in spec.axes if a.name != x.name]
     for (bench, xv), t in table.groupby(["benchmark", x.name], sort=False):
@@ -897,18 +932,65 @@ def _leads(runs, table, spec: SweepSpec, x: Axis, metric: str) -> list[list[str]
             continue
         t = t.sort_values(f"{metric}_mean", ascending=False)
         a, b = t.iloc[0], t.iloc[1]
-
         sa, sb = (_seed_values(runs, r, [x.name, *others], metric) for r in (a, b))
         gap = a[f"{metric}_mean"] - b[f"{metric}_mean"]
-        if len(sa) >= 2 and len(sb) >= 2:
-            p = float(stats.ttest_ind(sa, sb, equal_var=False).pvalue)
-            verdict = "inside the noise" if not p < 0.05 else "outside the noise"
-            ptxt = f"{p:.3f}"
-        else:
-            verdict, ptxt = "one seed: cannot tell", "—"
         name = lambda r: " ".join([r.strategy, *(f"{o}={r[o]}" for o in others if r[o])])  # noqa: E731
-        out.append([str(bench), str(xv), name(a), name(b), f"{gap:+.2f}", ptxt, verdict])
+        out.append([str(bench), str(xv), name(a), name(b), f"{gap:+.2f}", *_welch(sa, sb)])
     return out
+
+
+def _compare(
+    runs, table, spec: SweepSpec, x: Axis, metric: str, pair: tuple[str, str]
+) -> tuple[list[list[str]], str]:
+    """``report.compare``: B - A at every x (and every value of the other axes) both rows
+    have, with the Welch verdict, and a sentence per curve pair on the sign of the gap along
+    x: where the curves cross, if they do. An axis that applies to one row only is ignored."""
+    a_name, b_name = pair
+    others = [a.name for a in spec.axes if a.name != x.name]
+    ta, tb = table[table.strategy == a_name], table[table.strategy == b_name]
+    curves: dict[tuple, list] = {}
+    for _, a in ta.iterrows():
+        for _, b in tb.iterrows():
+            if a.benchmark != b.benchmark or a[x.name] != b[x.name]:
+                continue
+            if any(a[o] and b[o] and a[o] != b[o] for o in others):
+                continue
+            sa = _seed_values(runs, a, [x.name, *others], metric)
+            sb = _seed_values(runs, b, [x.name, *others], metric)
+            gap = b[f"{metric}_mean"] - a[f"{metric}_mean"]
+            ptxt, verdict = _welch(sb, sa)
+            ctx = " ".join(f"{o}={a[o] or b[o]}" for o in others if a[o] or b[o])
+            row = [
+                f"{b.benchmark} {ctx}".strip(),
+                str(a[x.name]),
+                _pm(a[f"{metric}_mean"], a[f"{metric}_std"]),
+                _pm(b[f"{metric}_mean"], b[f"{metric}_std"]),
+                f"{gap:+.2f}",
+                ptxt,
+                verdict,
+            ]
+            number = x.number(_values_of(x, [a[x.name]])[0])
+            curves.setdefault((row[0],), []).append((number, row, gap, verdict))
+    rows, sentences = [], []
+    for (where,), pts in curves.items():
+        pts.sort(key=lambda p: p[0])
+        rows += [p[1] for p in pts]
+        crossings = [
+            f"between {p[1][1]} and {q[1][1]}"
+            + ("" if "outside the noise" in (p[3], q[3]) else " (inside the noise on both sides)")
+            for p, q in itertools.pairwise(pts)
+            if (p[2] > 0) != (q[2] > 0)
+        ]
+        ahead = sum(p[2] > 0 for p in pts)
+        sure = sum(p[2] > 0 and p[3] == "outside the noise" for p in pts)
+        behind = sum(p[2] <= 0 and p[3] == "outside the noise" for p in pts)
+        cross = f"the curves cross {', '.join(crossings)}" if crossings else "no crossing"
+        sentences.append(
+            f"{where + ': ' if len(curves) > 1 else ''}{b_name} is ahead of {a_name} at "
+            f"{ahead} of {len(pts)} {x.label} values ({sure} of them outside the noise; behind "
+            f"outside the noise at {behind}); {cross}."
+        )
+    return rows, " ".join(sentences)
 
 
 def _seed_values(runs, row, columns: list[str], metric: str):
@@ -1030,6 +1112,22 @@ def write_report(spec: SweepSpec, out: Path, jobs: Sequence[PlannedJob]) -> list
             ]
             lines += ["| " + " | ".join(r) + " |" for r in leads]
             lines.append("")
+        for a_name, b_name in spec.report_compare:
+            for metric, title in _REPORT_METRICS[:2]:
+                rows, sentence = _compare(runs, table, spec, x, metric, (a_name, b_name))
+                if not rows:
+                    continue
+                head = ["benchmark", x.label, a_name, b_name, "B - A", "Welch p", "verdict"]
+                lines += [
+                    f"### {b_name} against {a_name}: {title}",
+                    "",
+                    "| " + " | ".join(head) + " |",
+                    "|" + "---|" * len(head),
+                    *("| " + " | ".join(r) + " |" for r in rows),
+                    "",
+                    sentence,
+                    "",
+                ]
     files[state / "report.md"] = "\n".join(lines).encode()
     for path, data in files.items():
         write_bytes_atomic(path, data)

@@ -132,6 +132,8 @@ def test_exclude_and_zipped_axis(tmp_path):
         ({"executor": {"name": "slurmish"}}, "unknown executor 'slurmish'"),
         ({"executor": {"name": "local", "worker": 2}}, "has no option 'worker'"),
         ({"strategies": ["er", "nope"]}, "unknown strategy 'nope'"),
+        ({"report": {"compare": [["er"]]}}, "report.compare: expected a list of [A, B] pairs"),
+        ({"report": {"compare": [["er", "icarl"]]}}, "'icarl' is not a strategy row"),
     ],
 )
 def test_bad_sweep_is_one_line_and_writes_nothing(tmp_path, capsys, change, expected):
@@ -140,6 +142,77 @@ def test_bad_sweep_is_one_line_and_writes_nothing(tmp_path, capsys, change, expe
     err = one_line_error(capsys, ["sweep", str(path), "--out", str(out)])
     assert expected in err
     assert not out.exists()
+
+
+def test_report_compare_gives_the_gap_its_noise_verdict_and_the_crossing():
+    import pandas as pd
+
+    from clbench.sweep import _compare, _leads, aggregate
+
+    spec = load_sweep(
+        {
+            "benchmarks": ["digits"],
+            "strategies": ["er", "er-compressed"],
+            "grid": {
+                "budget": {
+                    "keys": ["strategy_params.{strategy}.budget_bytes"],
+                    "values": [1000, 2000, 4000],
+                    "unit": "bytes",
+                }
+            },
+            "report": {"x": "budget", "compare": [["er", "er-compressed"]]},
+        }
+    )
+    assert spec.report_compare == [("er", "er-compressed")]
+    # er-compressed: far ahead at 1000 B (tight seeds), level within noise at 2000 B,
+    # behind at 4000 B: one crossing, between 2000 and 4000
+    acc = {
+        ("er", 1000): [20.0, 20.5, 21.0],
+        ("er-compressed", 1000): [30.0, 30.5, 31.0],
+        ("er", 2000): [25.0, 28.0, 22.0],
+        ("er-compressed", 2000): [26.0, 23.0, 29.0],
+        ("er", 4000): [35.0, 35.5, 36.0],
+        ("er-compressed", 4000): [30.0, 30.2, 30.4],
+    }
+    rows = [
+        {
+            "benchmark": "b",
+            "strategy": s,
+            "seed": i,
+            "budget": str(x),
+            "n_classes": 10,
+            "avg_incremental_accuracy": v,
+            "last_accuracy": v,
+            "forgetting": 0.0,
+            "memory_bytes": x,
+            "exemplars": 1,
+        }
+        for (s, x), vs in acc.items()
+        for i, v in enumerate(vs)
+    ]
+    runs = pd.DataFrame(rows)
+    table = aggregate(runs, spec)
+    x = spec.axes[0]
+    got, sentence = _compare(
+        runs, table, spec, x, "avg_incremental_accuracy", spec.report_compare[0]
+    )
+    assert [r[1] for r in got] == ["1000", "2000", "4000"]
+    assert [r[4] for r in got] == ["+10.00", "+1.00", "-5.30"]
+    assert [r[6] for r in got] == ["outside the noise", "inside the noise", "outside the noise"]
+    assert sentence == (
+        "er-compressed is ahead of er at 2 of 3 budget values (1 of them outside the noise; "
+        "behind outside the noise at 1); the curves cross between 2000 and 4000."
+    )
+    # a sign change with both gaps inside the noise is said to be one
+    noisy = runs.copy()
+    at = (noisy.strategy == "er-compressed") & (noisy.budget == "4000")
+    noisy.loc[at, "avg_incremental_accuracy"] = [25.0, 35.0, 30.0]
+    _, sentence = _compare(
+        noisy, aggregate(noisy, spec), spec, x, "avg_incremental_accuracy", ("er", "er-compressed")
+    )
+    assert sentence.endswith("between 2000 and 4000 (inside the noise on both sides).")
+    leads = _leads(runs, table, spec, x, "avg_incremental_accuracy")
+    assert [r[2] for r in leads] == ["er-compressed", "er-compressed", "er"]
 
 
 def test_missing_extra_names_the_pip_extra(tmp_path, capsys, monkeypatch):
