@@ -5,7 +5,11 @@ quantisation tables lands on the same quantisation grid, so the error nearly van
 script measures, on a sample of the training images, each candidate quality's mean size, bpp
 and PSNR against the decoded source, and which quality's luminance table equals the source
 files' (PIL exposes both), to explain the codec-selection tables of the compressed-replay
-evidence (feature MSE not monotonic in quality).
+evidence (feature MSE not monotonic in quality). Two more columns explain why q=50 is less
+useful to a classifier than q=30 (docs/icm.md, "JPEG on JPEG"): the ratio of each quality's
+luminance steps to the source's (q=50's are exactly 2x q=75's, so many re-quantised
+coefficients land on rounding ties, which libjpeg rounds away from zero), and the
+high-frequency energy of the decoded luma (a Laplacian's mean square) relative to the source.
 
     python benchmarks/analysis/jpeg_requantization.py --data-root ../shared/data
 """
@@ -20,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.ndimage import laplace
 
 from clbench.codecs import get_codec
+from clbench.records import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,10 +39,18 @@ def luma_table(quality: int) -> list[int]:
     return list(Image.open(buf).quantization[0])
 
 
+def hf_energy(rgb: np.ndarray) -> float:
+    """Mean square of the Laplacian of the luma (ITU-R BT.601, as JPEG's Y)."""
+    y = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return float(np.mean(laplace(y) ** 2))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", type=Path, required=True)
-    ap.add_argument("--qualities", type=int, nargs="+", default=[10, 30, 50, 75, 90])
+    ap.add_argument(
+        "--qualities", type=int, nargs="+", default=[10, 30, 40, 45, 50, 55, 60, 75, 90]
+    )
     ap.add_argument("--every", type=int, default=10, help="take every n-th training file")
     ap.add_argument("--limit", type=int, default=2500, help="from the first n files (sorted)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "analysis")
@@ -54,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         next((q for q, t in tables.items() if list(s.quantization[0]) == t), None) for s in sources
     ]
     images = [np.asarray(s.convert("RGB")) for s in sources]
+    hf_source = [hf_energy(im) for im in images]
+    source_table = np.asarray(sources[0].quantization[0], dtype=float)
     rows = []
     for q in args.qualities:
         storage = get_codec(f"jpeg:q={q}")
@@ -71,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 "bpp": 8 * nbytes / (h * w),
                 "psnr_db": float(10 * np.log10(255**2 / mse)),
                 "source_files_with_this_luma_table": sum(sq == q for sq in source_q),
+                "luma_step_ratio_to_source": float(np.mean(np.asarray(tables[q]) / source_table)),
+                "hf_energy_ratio": float(
+                    np.mean([hf_energy(d) / e for d, e in zip(decoded, hf_source, strict=True)])
+                ),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -82,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "jpeg_requantization_tinyimagenet.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(out)
+    write_json_atomic(out, res)
     return 0
 
 
