@@ -920,7 +920,8 @@ def _welch(sa, sb) -> tuple[str, str]:
     if len(sa) < 2 or len(sb) < 2:
         return "—", "one seed: cannot tell"
     p = float(stats.ttest_ind(sa, sb, equal_var=False).pvalue)
-    return f"{p:.3f}", "inside the noise" if not p < 0.05 else "outside the noise"
+    ptxt = f"{p:.3f}" if p >= 0.001 else "<0.001"
+    return ptxt, "inside the noise" if not p < 0.05 else "outside the noise"
 
 
 def _leads(runs, table, spec: SweepSpec, x: Axis, metric: str) -> list[list[str]]:
