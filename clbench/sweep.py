@@ -949,7 +949,7 @@ def _compare(
     a_name, b_name = pair
     others = [a.name for a in spec.axes if a.name != x.name]
     ta, tb = table[table.strategy == a_name], table[table.strategy == b_name]
-    curves: dict[tuple, list] = {}
+    curves: dict[str, list] = {}  # benchmark (and other axes) -> points along x
     for _, a in ta.iterrows():
         for _, b in tb.iterrows():
             if a.benchmark != b.benchmark or a[x.name] != b[x.name]:
@@ -971,9 +971,9 @@ def _compare(
                 verdict,
             ]
             number = x.number(_values_of(x, [a[x.name]])[0])
-            curves.setdefault((row[0],), []).append((number, row, gap, verdict))
+            curves.setdefault(row[0], []).append((number, row, gap, verdict))
     rows, sentences = [], []
-    for (where,), pts in curves.items():
+    for where, pts in curves.items():
         pts.sort(key=lambda p: p[0])
         rows += [p[1] for p in pts]
         crossings = [

@@ -7,9 +7,10 @@ and PSNR against the decoded source, and which quality's luminance table equals 
 files' (PIL exposes both), to explain the codec-selection tables of the compressed-replay
 evidence (feature MSE not monotonic in quality). Two more columns explain why q=50 is less
 useful to a classifier than q=30 (docs/icm.md, "JPEG on JPEG"): the ratio of each quality's
-luminance steps to the source's (q=50's are exactly 2x q=75's, so many re-quantised
-coefficients land on rounding ties, which libjpeg rounds away from zero), and the
+luminance steps to the source's (above 2, a coefficient of one source step rounds to 0; at 2
+or below, from q=50 up, it is kept and comes back amplified by the ratio), and the
 high-frequency energy of the decoded luma (a Laplacian's mean square) relative to the source.
+The ratio is taken against the first file's table; the table column shows they all match.
 
     python benchmarks/analysis/jpeg_requantization.py --data-root ../shared/data
 """
