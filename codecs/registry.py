@@ -27,6 +27,7 @@ CODECS: Registry[Callable[..., Codec]] = Registry(
         "clbench.codecs.continual",
         "clbench.codecs.feature_vr",  # image coding for machines (issue 16)
         "clbench.codecs.icm_lora",
+        "clbench.codecs.split_front",  # pixels through a frozen front: feature replay's control
         "clbench.codecs.video_classic",  # video anchors through PyAV (issue 17)
         "clbench.codecs.dhvc",  # hierarchical predictive video codec (issue 17)
     ),

@@ -431,12 +431,17 @@ def fit_entropy_buffers(module: nn.Module, state: dict[str, Tensor]) -> None:
                     getattr(m, key).resize_(state[prefix + key].shape)
 
 
-def read_icm_checkpoint(path: str | Path | None, who: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_icm_checkpoint(
+    path: str | Path | None, who: str, method: str | None = ""
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, metadata) of an ICM training checkpoint, loaded weights-only; ``who`` is the
-    codec (and icm-train method) name the messages point to."""
+    codec the messages point to, ``method`` the icm-train method it must come from (default
+    ``who``; None: any, for a codec that reads only the task model and split)."""
+    method = who if method == "" else method
     if path is None:
+        hint = method or "feature-vr"
         raise ClbenchError(
-            f"codec {who}: pass checkpoint=PATH (train one with `clbench codec icm-train {who}`)"
+            f"codec {who}: pass checkpoint=PATH (train one with `clbench codec icm-train {hint}`)"
         )
     p = Path(path).expanduser()
     ckpt = load_weights_file(p, who, "train one with `clbench codec icm-train`")
@@ -445,7 +450,7 @@ def read_icm_checkpoint(path: str | Path | None, who: str) -> tuple[dict[str, An
         raise ClbenchError(
             f"codec {who}: {p} is not an ICM checkpoint (made by `clbench codec icm-train`)"
         )
-    if meta.get("method") != who:
+    if method is not None and meta.get("method") != method:
         raise ClbenchError(
             f"codec {who}: checkpoint {p} was trained by {meta.get('method')}; use {meta.get('method')}:checkpoint={p}"
         )

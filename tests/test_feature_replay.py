@@ -154,3 +154,52 @@ def test_feature_codec_with_candidates_is_refused(scenario, codec_spec):
     with pytest.raises(ConfigError, match="is a feature codec; give it as codec:"):
         build_strategy(_config(cfg, "er-compressed", params), "er-compressed", sc, 0,
                        torch.device("cpu"), False)  # fmt: skip
+
+
+def _front_spec(codec_spec: str, extra: str = "") -> str:
+    ckpt = codec_spec.split("checkpoint=")[1].split(",")[0]
+    return f"split-front:checkpoint={ckpt}{extra}"
+
+
+def test_split_front_is_the_same_learner_fed_pixels(scenario, codec_spec):
+    """The control row: raw pixels in the buffer, the frozen front at decode, the same
+    trained layers after the split as feature replay."""
+    cfg, sc = scenario
+    spec = _front_spec(codec_spec)
+    front = get_codec(spec)
+    fvr = get_codec(codec_spec)
+    assert front.kind == "feature" and front.split == SPLIT and front.lossless
+    assert front.backbone_fingerprint == fvr.backbone_fingerprint
+    assert front.feature_shape == fvr.feature_shape and get_codec(front.spec).spec == front.spec
+    images = [_raw(sc, i) for i in range(3)]
+    data = front.encode(images)
+    assert [front.charged_bytes(b) for b in data] == [SIZE * SIZE * 3] * 3  # raw's accounting
+    tm = front.task_model
+    with torch.no_grad():
+        ref = tm.front(tm.preprocess(np.stack(images)), SPLIT)
+    assert torch.equal(front.decode_tensor(data), ref)
+    # JPEG pixels: lossy, fewer bytes, still the front's feature of the decoded image
+    jpeg = get_codec(_front_spec(codec_spec, ",image=jpeg,q=50"))
+    assert not jpeg.lossless and jpeg.rate == 50 and "image=jpeg" in jpeg.spec
+    assert len(jpeg.encode(images)[0]) < SIZE * SIZE * 3
+    # in replay: the model is the same SplitBack as with feature-vr; budget = 4 raw
+    # exemplars (one per class, as the buffer's floor demands; 8 B of label each)
+    budget = 4 * (SIZE * SIZE * 3 + 8) + 100
+    params = {"codec": spec, "budget_bytes": budget}
+    strat = build_strategy(_config(cfg, "er-compressed", params), "er-compressed", sc, 0,
+                           torch.device("cpu"), False)  # fmt: skip
+    assert strat.is_feature
+    assert strat.model.backbone.stages == ["blocks.2", "blocks.3", "blocks.4", "conv_head", "bn2"]
+    strat.train_experience(_exp(sc, 0))
+    assert len(strat.buffer) == 4 and strat.buffer.nbytes() <= budget
+    x = next(iter(strat.memory_loader()))[0]
+    assert tuple(x.shape[1:]) == front.feature_shape
+
+
+def test_split_front_refuses_a_feature_codec_as_its_image_codec(codec_spec):
+    from clbench.errors import ClbenchError
+
+    with pytest.raises(ClbenchError, match="image=split-front is a feature codec"):
+        get_codec(_front_spec(codec_spec, ",image=split-front"))
+    with pytest.raises(ClbenchError, match="split-front: pass checkpoint="):
+        get_codec("split-front")
