@@ -69,3 +69,56 @@ def cpu_description() -> dict[str, Any]:
         "native_bf16": cpu_has_native_bf16(caps),
         "amp_auto": "bf16" if auto is torch.bfloat16 else "fp32",
     }
+
+
+def busy_cpus(interval: float = 0.5) -> float | None:
+    """How many CPUs other work keeps busy now: the machine's non-idle share over
+    ``interval`` seconds (Linux ``/proc/stat``) times its CPU count; None where unreadable.
+    Measured, not the load average: that one lags by minutes after a job ends."""
+    import os
+    import time
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all, idle + iowait
+
+    try:
+        (t0, i0), _ = ticks(), time.sleep(interval)
+        t1, i1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (1 - (i1 - i0) / max(1, t1 - t0)) * (os.cpu_count() or 1)
+
+
+def busy_cpus_note(threads: int | None = None, busy: float | None = None) -> str | None:
+    """A one-line note when this run's threads plus the CPUs other work keeps busy
+    (:func:`busy_cpus`) outnumber the CPUs this process may use, else None. Time-budgeted
+    trainings print it: their budget then buys fewer steps, and OpenMP threads that
+    outnumber cores spin at every barrier (a 2-thread video training beside a 1-thread job
+    on 2 cores ran about 13x slower per step than alone). ``busy`` overrides the measurement
+    (tests)."""
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        cpus = os.cpu_count() or 1
+    busy = busy_cpus() if busy is None else busy
+    n = threads or torch.get_num_threads()
+    if busy is None or busy + n <= cpus + 0.5:
+        return None
+    return (
+        f"the machine is busy (other work keeps {busy:.1f} of {cpus} CPUs busy, plus this "
+        f"run's {n} thread{'s' * (n != 1)}): a time budget will buy fewer steps; run time-budgeted trainings "
+        "alone, or give each job --threads so that they add up to the CPUs"
+    )
+
+
+def warn_if_busy(who: str, threads: int | None) -> None:
+    """Print :func:`busy_cpus_note` as a one-line warning on stderr (time-budgeted runs)."""
+    import sys
+
+    note = busy_cpus_note(threads)
+    if note:
+        print(f"warning: {who}: {note}", file=sys.stderr, flush=True)

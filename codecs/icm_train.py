@@ -222,6 +222,10 @@ def train(cfg: ICMTrainConfig, resume: bool = False, progress: bool = True) -> d
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.minutes is not None:
+        from clbench.precision import warn_if_busy
+
+        warn_if_busy("codec icm-train", cfg.threads)
     out = Path(cfg.out)
     last = out / "last.pth"
     if resume and not last.is_file():

@@ -566,6 +566,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         import torch
 
         torch.set_num_threads(cfg.threads)
+    if cfg.minutes is not None:
+        from clbench.precision import warn_if_busy
+
+        warn_if_busy("codec train", cfg.threads)
     return _run(prepare(cfg, resume), progress)
 
 
@@ -577,6 +581,10 @@ def train_many(
         import torch
 
         torch.set_num_threads(cfgs[0].threads)
+    if cfgs and cfgs[0].minutes is not None:
+        from clbench.precision import warn_if_busy
+
+        warn_if_busy("codec train", cfgs[0].threads)
     prepared = [prepare(c, resume) for c in cfgs]
     return [_run(p, progress) for p in prepared]
 

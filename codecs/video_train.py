@@ -173,6 +173,10 @@ def train_video(cfg: VideoTrainConfig, resume: bool = False, progress: bool = Tr
         )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.minutes is not None:
+        from clbench.precision import warn_if_busy
+
+        warn_if_busy("codec train-video", cfg.threads)
     arch = {**dhvc_config()["arch"], **cfg.arch}
     torch.manual_seed(cfg.seed)
     model = build_model(**arch)
