@@ -96,7 +96,7 @@ def busy_cpus_note(threads: int | None = None, busy: float | None = None) -> str
     (:func:`busy_cpus`) outnumber the CPUs this process may use, else None. Time-budgeted
     trainings print it: their budget then buys fewer steps, and OpenMP threads that
     outnumber cores spin at every barrier (a 2-thread video training beside a 1-thread job
-    on 2 cores ran about 13x slower per step than alone). ``busy`` overrides the measurement
+    on 2 cores ran 17x slower per step than alone). ``busy`` overrides the measurement
     (tests)."""
     import os
 
