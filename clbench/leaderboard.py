@@ -49,12 +49,25 @@ _METRICS: list[tuple[str, str, Callable[[RunRecord], float]]] = [
 # Metrics shown in md/html (all four are in the CSV).
 _SHOWN_METRICS = ("avg_incremental_accuracy", "last_accuracy", "forgetting")
 SORT_KEY = "avg_incremental_accuracy_mean"
+_TEXT_COLUMNS = ("Strategy", "Learner")  # left-aligned in md and html
 CSV_COLUMNS = [
     "benchmark", "rank", "strategy", "n_seeds", "seeds",
     *(f"{col}_{stat}" for col, _, _ in _METRICS for stat in ("mean", "std")),
-    "memory_bytes", "exemplars", "mean_bpp", "trainable_params",
+    "learner", "memory_bytes", "exemplars", "mean_bpp", "trainable_params",
     "wall_time_s_mean", "wall_time_s_std", "config_fingerprint", "untrained", "commands",
 ]  # fmt: skip
+
+
+def learner(r: RunRecord) -> str:
+    """The network a run trained: its config's backbone, unless the strategy reports
+    another. Feature replay trains a pretrained task model's stages after the split
+    (``strategy_report.feature_replay``), not the scenario's backbone; a leaderboard that
+    ranks it among from-scratch rows must say so."""
+    fr = (r.strategy_report or {}).get("feature_replay")
+    if fr:
+        return f"{fr['task_model']} after {fr['split']}"
+    backbone = r.config.get("backbone") or {}
+    return str(backbone.get("name") or "default")
 
 
 @dataclass
@@ -83,6 +96,7 @@ def runs_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
             "seed": r.seed,
             "untrained": r.untrained,
             "command": r.command,
+            "learner": learner(r),
         }
         row.update({col: get(r) for col, _, get in _METRICS})
         row.update(
@@ -122,6 +136,7 @@ def aggregate(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
         wall_time_s_mean=("wall_time_s", "mean"),
         wall_time_s_std=("wall_time_s", lambda s: s.std(ddof=1)),
         untrained=("untrained", "any"),
+        learner=("learner", "first"),  # part of the config, so one per row
         commands=("command", lambda s: list(dict.fromkeys(s))),
     )
     keys = ["benchmark", "strategy", "config_fingerprint"]
@@ -174,18 +189,20 @@ def _pct(mean: float, std: float) -> str:
 def _display_rows(
     table: pd.DataFrame, commands: Sequence[str]
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and text cells for md/html; replay columns only when some run has them. The
-    Command column numbers each row's commands in ``commands`` (listed under the table)."""
+    """Header and text cells for md/html; replay columns only when some run has them, the
+    Learner column only when rows trained different networks. The Command column numbers
+    each row's commands in ``commands`` (listed under the table)."""
     show_exemplars = bool(table["exemplars"].notna().any())
     show_bpp = bool(table["mean_bpp"].notna().any())
-    header = ["#", "Strategy", "Seeds"]
+    show_learner = table["learner"].nunique() > 1
+    header = ["#", "Strategy"] + ["Learner"] * show_learner + ["Seeds"]
     header += [h for col, h, _ in _METRICS if col in _SHOWN_METRICS]
     header += ["Memory"] + ["Exemplars"] * show_exemplars + ["Mean bpp"] * show_bpp
     header += ["Trainable params", "Wall time", "Command"]
     number = {c: k for k, c in enumerate(commands, start=1)}
     rows = []
     for rank, t in enumerate(table.itertuples(index=False), start=1):
-        cells = [str(rank), t.label, str(t.n_seeds)]
+        cells = [str(rank), t.label] + [t.learner] * show_learner + [str(t.n_seeds)]
         cells += [_pct(getattr(t, f"{c}_mean"), getattr(t, f"{c}_std")) for c in _SHOWN_METRICS]
         cells.append(human_bytes(t.memory_bytes))
         if show_exemplars:
@@ -248,7 +265,7 @@ def _markdown(ctx: _Context) -> str:
         header, rows = _display_rows(table, commands)
         out += ["", f"## {bench}", ""]
         out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "|".join("---" if h == "Strategy" else "---:" for h in header) + "|")
+        out.append("|" + "|".join("---" if h in _TEXT_COLUMNS else "---:" for h in header) + "|")
         out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
         out += ["", f"![Accuracy on seen classes, {bench}]({ctx.rel(ctx.seen_plots[bench])})", ""]
         links = ", ".join(
@@ -297,10 +314,10 @@ def _html(ctx: _Context) -> str:
     for bench, table in ctx.tables.items():
         commands, commits = _provenance(ctx.by_bench[bench])
         header, rows = _display_rows(table, commands)
-        name_col = header.index("Strategy")
+        text_cols = {k for k, h in enumerate(header) if h in _TEXT_COLUMNS}
 
-        def cls(k: int, name_col: int = name_col) -> str:
-            return ' class="name"' if k == name_col else ""
+        def cls(k: int, text_cols: set[int] = text_cols) -> str:
+            return ' class="name"' if k in text_cols else ""
 
         body.append(f"<h2>{e(bench)}</h2>")
         body.append("<table><thead><tr>")

@@ -312,3 +312,32 @@ def test_read_only_output_is_refused_before_writing(tmp_path):
         build_leaderboard(tmp_path, read_only_dir(tmp_path) / "board")
     with pytest.raises(ClbenchError, match="is a file, not a folder"):
         build_leaderboard(tmp_path, tmp_path / "runs" / "digits__er__s0.json")
+
+
+def test_rows_that_trained_another_network_say_which(tmp_path):
+    """Feature replay trains a pretrained task model after its split, not the benchmark's
+    backbone: the Learner column appears and names it (and only then)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    cfg = {"backbone": {"name": "resnet18"}, "train": {"epochs": 1}}
+    plain = make_record("tin", "er", 0, config=cfg)
+    feat = make_record("tin", "er-compressed@fvr", 0, config={**cfg, "strategy_params": {"x": 1}})
+    feat["strategy_report"] = {
+        "feature_replay": {"task_model": "tf_efficientnet_lite0", "split": "blocks.2"}
+    }
+    for rec in (plain, feat):
+        (runs / f"{rec['run_id']}.json").write_text(json.dumps(rec))
+    build_leaderboard(tmp_path)
+    rows = {r["strategy"]: r for r in read_csv(tmp_path / "leaderboard.csv")}
+    assert rows["er"]["learner"] == "resnet18"
+    assert rows["er-compressed@fvr"]["learner"] == "tf_efficientnet_lite0 after blocks.2"
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "| # | Strategy | Learner | Seeds |" in md
+    assert "| er-compressed@fvr | tf_efficientnet_lite0 after blocks.2 | 1 |" in md
+    assert '<td class="name">tf_efficientnet_lite0 after blocks.2</td>' in (
+        tmp_path / "leaderboard.html"
+    ).read_text()
+    # one network throughout: no column
+    (runs / f"{feat['run_id']}.json").unlink()
+    build_leaderboard(tmp_path)
+    assert "Learner" not in (tmp_path / "leaderboard.md").read_text()
