@@ -334,9 +334,10 @@ def test_rows_that_trained_another_network_say_which(tmp_path):
     md = (tmp_path / "leaderboard.md").read_text()
     assert "| # | Strategy | Learner | Seeds |" in md
     assert "| er-compressed@fvr | tf_efficientnet_lite0 after blocks.2 | 1 |" in md
-    assert '<td class="name">tf_efficientnet_lite0 after blocks.2</td>' in (
-        tmp_path / "leaderboard.html"
-    ).read_text()
+    assert (
+        '<td class="name">tf_efficientnet_lite0 after blocks.2</td>'
+        in (tmp_path / "leaderboard.html").read_text()
+    )
     # one network throughout: no column
     (runs / f"{feat['run_id']}.json").unlink()
     build_leaderboard(tmp_path)
