@@ -110,8 +110,9 @@ def busy_cpus_note(threads: int | None = None, busy: float | None = None) -> str
         return None
     return (
         f"the machine is busy (other work keeps {busy:.1f} of {cpus} CPUs busy, plus this "
-        f"run's {n} thread{'s' * (n != 1)}): a time budget will buy fewer steps; run time-budgeted trainings "
-        "alone, or give each job --threads so that they add up to the CPUs"
+        f"run's {n} thread{'s' * (n != 1)}): a time budget will buy fewer steps; run "
+        "time-budgeted trainings alone, or give each job --threads so that they add up to "
+        "the CPUs"
     )
 
 
