@@ -123,3 +123,12 @@ def warn_if_busy(who: str, threads: int | None) -> None:
     note = busy_cpus_note(threads)
     if note:
         print(f"warning: {who}: {note}", file=sys.stderr, flush=True)
+
+
+def use_threads(who: str, threads: int | None, minutes: float | None = None) -> None:
+    """A training's start: ``torch.set_num_threads(threads)`` when given, then, for a time
+    budget (``minutes``), :func:`warn_if_busy`."""
+    if threads:
+        torch.set_num_threads(threads)
+    if minutes is not None:
+        warn_if_busy(who, threads)

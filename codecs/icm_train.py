@@ -220,12 +220,9 @@ def train(cfg: ICMTrainConfig, resume: bool = False, progress: bool = True) -> d
     from clbench.datasets import load_dataset
 
     cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.minutes is not None:
-        from clbench.precision import warn_if_busy
+    from clbench.precision import use_threads
 
-        warn_if_busy("codec icm-train", cfg.threads)
+    use_threads("codec icm-train", cfg.threads, cfg.minutes)
     out = Path(cfg.out)
     last = out / "last.pth"
     if resume and not last.is_file():

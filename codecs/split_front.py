@@ -16,11 +16,9 @@ and ``q`` its quality; the bytes are that codec's, charged as that codec charges
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
-import torch
 
 from clbench.codecs.base import CorruptDataError, format_spec
 from clbench.codecs.registry import CODECS, get_codec, register_codec
@@ -48,7 +46,7 @@ class SplitFrontCodec(FeatureCodec):
     ):
         self.checkpoint, self.weights, self.data_root = checkpoint, weights, data_root
         self.device, self.batch = str(device), int(batch)
-        _, meta = read_icm_checkpoint(checkpoint, NAME, method=None)
+        _, meta = read_icm_checkpoint(checkpoint, NAME, any_method=True)
         self.task_model: TaskModel = task_model_for(meta, NAME, checkpoint, weights, data_root).to(
             self.device
         )
@@ -89,16 +87,4 @@ class SplitFrontCodec(FeatureCodec):
             pixels = self.inner.decode(data)
         except CorruptDataError as e:
             raise CorruptDataError(f"codec {self.spec}: {e}") from None
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, im in enumerate(pixels):  # one front pass per size and batch
-            groups[im.shape].append(i)
-        out: list[np.ndarray | None] = [None] * len(data)
-        with torch.inference_mode():
-            for idx in groups.values():
-                for s in range(0, len(idx), self.batch):
-                    chunk = idx[s : s + self.batch]
-                    x = self.task_model.preprocess(np.stack([pixels[i] for i in chunk]))
-                    f = self.task_model.front(x, self.split).float().cpu().numpy()
-                    for j, i in enumerate(chunk):
-                        out[i] = f[j]
-        return out  # type: ignore[return-value]
+        return list(self.front_features(pixels, self.batch).numpy())

@@ -399,6 +399,25 @@ class FeatureCodec(Codec):
     def backbone_fingerprint(self) -> str:
         return self.task_model.fingerprint()
 
+    @torch.no_grad()
+    def front_features(self, images: Sequence[np.ndarray], batch: int = 64) -> Tensor:
+        """uint8 HWC images (any sizes) -> the uncompressed feature at the split, float32
+        NCHW on the CPU, in order; one front pass per image size and batch. (no_grad, not
+        inference_mode: replay trains on these tensors.)"""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(im.shape, []).append(i)
+        out: list[Tensor | None] = [None] * len(images)
+        tm = self.task_model
+        for idx in groups.values():
+            for s in range(0, len(idx), batch):
+                chunk = idx[s : s + batch]
+                x = tm.preprocess(np.stack([images[i] for i in chunk]))
+                f = tm.front(x, self.split).float().cpu()
+                for j, i in enumerate(chunk):
+                    out[i] = f[j]
+        return torch.stack(out)  # type: ignore[arg-type]
+
     def head(self, features: Tensor) -> Tensor:
         """Decoded features (N, C, H, W) -> logits over this codec's task classes."""
         return self.task_model.back(features, self.split)
@@ -432,12 +451,12 @@ def fit_entropy_buffers(module: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def read_icm_checkpoint(
-    path: str | Path | None, who: str, method: str | None = ""
+    path: str | Path | None, who: str, any_method: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, metadata) of an ICM training checkpoint, loaded weights-only; ``who`` is the
-    codec the messages point to, ``method`` the icm-train method it must come from (default
-    ``who``; None: any, for a codec that reads only the task model and split)."""
-    method = who if method == "" else method
+    codec the messages point to and the icm-train method the checkpoint must come from,
+    unless ``any_method`` (a codec that reads only the task model and split)."""
+    method = None if any_method else who
     if path is None:
         hint = method or "feature-vr"
         raise ClbenchError(

@@ -562,14 +562,9 @@ def _provenance(threads: int) -> dict[str, Any]:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or continue) one training; returns the final validation record."""
-    if cfg.threads:
-        import torch
+    from clbench.precision import use_threads
 
-        torch.set_num_threads(cfg.threads)
-    if cfg.minutes is not None:
-        from clbench.precision import warn_if_busy
-
-        warn_if_busy("codec train", cfg.threads)
+    use_threads("codec train", cfg.threads, cfg.minutes)
     return _run(prepare(cfg, resume), progress)
 
 
@@ -577,14 +572,10 @@ def train_many(
     cfgs: list[TrainConfig], resume: bool = False, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Several runs (one per λ) in order. All are checked before the first one starts."""
-    if cfgs and cfgs[0].threads:
-        import torch
+    if cfgs:
+        from clbench.precision import use_threads
 
-        torch.set_num_threads(cfgs[0].threads)
-    if cfgs and cfgs[0].minutes is not None:
-        from clbench.precision import warn_if_busy
-
-        warn_if_busy("codec train", cfgs[0].threads)
+        use_threads("codec train", cfgs[0].threads, cfgs[0].minutes)
     prepared = [prepare(c, resume) for c in cfgs]
     return [_run(p, progress) for p in prepared]
 

@@ -171,12 +171,9 @@ def train_video(cfg: VideoTrainConfig, resume: bool = False, progress: bool = Tr
         raise ClbenchError(
             f"codec train-video: {out} already holds a run; pass --resume or choose another --out"
         )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.minutes is not None:
-        from clbench.precision import warn_if_busy
+    from clbench.precision import use_threads
 
-        warn_if_busy("codec train-video", cfg.threads)
+    use_threads("codec train-video", cfg.threads, cfg.minutes)
     arch = {**dhvc_config()["arch"], **cfg.arch}
     torch.manual_seed(cfg.seed)
     model = build_model(**arch)

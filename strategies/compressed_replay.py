@@ -156,17 +156,6 @@ class SplitBack(nn.Module):
         return self.net.forward_head(f, pre_logits=True)
 
 
-@torch.no_grad()
-def codec_front(codec: Any, images: list[np.ndarray], batch: int = 64) -> Tensor:
-    """uint8 HWC images -> a feature codec's uncompressed split feature (float32 NCHW).
-    (no_grad, not inference_mode: these tensors become training inputs.)"""
-    tm, out = codec.task_model, []
-    for s in range(0, len(images), batch):
-        x = tm.preprocess(np.stack(images[s : s + batch]))
-        out.append(tm.front(x, codec.split).float().cpu())
-    return torch.cat(out)
-
-
 class CodecView(Dataset):
     """An experience's images round-tripped through the codec, then transformed.
 
@@ -192,7 +181,7 @@ class CodecView(Dataset):
     def _roundtrip(self, idx) -> Tensor:
         images = [_hwc(self.raw[int(i)][0]) for i in idx]
         if self.front_only:
-            return codec_front(self.codec, images)
+            return self.codec.front_features(images)
         return decode_payloads(self.codec, self.codec.encode(images))
 
     def __len__(self) -> int:
