@@ -1,4 +1,4 @@
-"""``clbench codec ...``: list, info, eval and train.
+"""``clbench codec ...``: list, info, eval, bd and train.
 
 The top-level ``clbench`` CLI calls :func:`add_codec_commands`; ``python -m
 clbench.codecs.cli ...`` runs the same commands on their own.
@@ -48,6 +48,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from clbench.codecs.evaluation.evaluate import run_eval_command
 
     return run_eval_command(args)
+
+
+def _cmd_bd(args: argparse.Namespace) -> int:
+    from clbench.codecs.evaluation.evaluate import run_bd_command
+
+    return run_bd_command(args)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -205,6 +211,24 @@ def add_codec_commands(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "bd",
+        help="BD tables of a finished evaluation against other anchors (nothing re-coded)",
+        description="Recompute BD-rate / BD-quality of a `clbench codec eval` results.json "
+        "against other anchor curves, from its saved points alone.",
+    )
+    p.add_argument("results", help="results.json of `clbench codec eval` (or its folder)")
+    p.add_argument(
+        "--anchor", action="append", required=True, help="anchor curve label (repeatable)"
+    )
+    p.add_argument(
+        "--bd", action="append", metavar="KEY", help="BD column, e.g. psnr_yuv (repeatable)"
+    )
+    p.add_argument("--anchors", metavar="DIR", help="folder of published R-D JSONs to add")
+    p.add_argument("--data-root", help="root that a relative --anchors is under")
+    p.add_argument("--out", help="write the Markdown tables here instead of printing them")
+    p.set_defaults(func=_cmd_bd)
 
     p = sub.add_parser(
         "train",

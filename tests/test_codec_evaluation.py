@@ -276,3 +276,26 @@ def test_bad_metrics_and_config_are_one_line_errors(tmp_path, capsys):
     assert main([*args, "--metric", "psnr", "--no-complexity", "--no-progress"]) == 0
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["metrics"] == ["psnr"] and res["complexity"] is None
+
+
+def test_bd_re_anchors_a_finished_evaluation_without_recoding(tmp_path, capsys):
+    write_pngs(tmp_path / "imgs", [(32, 32), (24, 40)])
+    args = ["eval", "--images", str(tmp_path / "imgs"), "--no-complexity", "--no-progress"]
+    curves = ["--codec", "JPEG=jpeg:q=[10,30,60,90]", "--codec", "WebP=webp:q=[10,30,60,90]"]
+    out = tmp_path / "o"
+    assert main([*args, *curves, "--anchor", "JPEG", "--out", str(out)]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    webp_vs_jpeg = next(r for r in saved["bd_rate"] if r["curve"] == "WebP")["bd_rate_pct"]
+    capsys.readouterr()
+    # Against WebP: JPEG's row is the mirror of WebP's row against JPEG (log-rate difference).
+    assert main(["bd", str(out), "--anchor", "WebP", "--out", str(tmp_path / "bd.md")]) == 0
+    md = (tmp_path / "bd.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| JPEG |"))
+    jpeg_vs_webp = float(row.split("|")[2])
+    assert "BD-rate against WebP" in md and "nothing re-coded" in md
+    assert (1 + webp_vs_jpeg / 100) * (1 + jpeg_vs_webp / 100) == pytest.approx(1, abs=0.05)
+    assert main(["bd", str(out), "--anchor", "AVIF"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "anchor 'AVIF' is not a curve; curves: JPEG, WebP" in err and "\n" not in err
+    assert main(["bd", str(tmp_path / "nowhere"), "--anchor", "JPEG"]) == 2
+    assert "does not exist" in capsys.readouterr().err

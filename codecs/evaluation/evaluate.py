@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clbench.atomic import write_group_atomic
+from clbench.atomic import write_group_atomic, write_text_atomic
 from clbench.codecs._io import data_path
 from clbench.codecs.evaluation import bd as bdm
 from clbench.codecs.evaluation import report
@@ -85,6 +85,66 @@ def _latency_image(items: ItemSet, size: list[int]) -> tuple[Any, str]:
     return None, ""
 
 
+def _bd_rows(
+    anchors: list[str], cols: list[Column], curves: list[Curve], method: str
+) -> list[dict[str, Any]]:
+    """BD figures of every lossy curve against each anchor, per BD column."""
+    by_label = {c.label: c for c in curves}
+    return [
+        bdm.bd(by_label[a], c, col, method)
+        for a in anchors
+        for col in cols
+        for c in curves
+        if c is not by_label[a] and not all(p.get("lossless") for p in c.points)
+    ]
+
+
+def _anchor_check(anchors: list[str], labels: list[str], where: str) -> None:
+    for a in anchors:
+        if a not in labels:
+            raise ClbenchError(f"{where}: anchor {a!r} is not a curve; curves: {', '.join(labels)}")
+
+
+def rebd(
+    results_json: str | Path,
+    anchors: list[str],
+    bd_keys: list[str] | None = None,
+    anchors_dir: str | None = None,
+    data_root: str | None = None,
+) -> tuple[list[dict[str, Any]], str]:
+    """BD figures of a finished evaluation against other anchors, from its results.json
+    alone (no coding): (rows, Markdown tables). Published curves join with ``anchors_dir``."""
+    import json
+
+    path = Path(results_json)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise ClbenchError(f"{path} does not exist; pass a results.json of `clbench codec eval`")
+    try:
+        doc = json.loads(path.read_text())
+        cfg, saved = doc["config"], doc["curves"]
+        curves = [
+            Curve(c["label"], [p.get("spec", "") for p in c["points"]], points=c["points"])
+            for c in saved
+        ]
+        metric_specs = list(cfg["metrics"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ClbenchError(
+            f"{path} is not a results.json of `clbench codec eval` ({type(e).__name__}: {e})"
+        ) from None
+    columns = [c for s in metric_specs for c in get_metric(s).columns]
+    where = str(path)
+    bench = Benchmark(name=where, images="", curves=curves, bd=bd_keys or cfg.get("bd") or [])
+    cols = _bd_columns(bench, columns)
+    published = load_published(data_path(anchors_dir, data_root), columns) if anchors_dir else []
+    everything = [*curves, *published]
+    _anchor_check(anchors, [c.label for c in everything], where)
+    rows = _bd_rows(anchors, cols, everything, cfg.get("bd_method", "akima"))
+    md, _ = report.render(report.bd_blocks(rows, columns), {}, "")
+    return rows, md
+
+
 def run(
     bench: Benchmark,
     out: Path,
@@ -107,11 +167,7 @@ def run(
     published = load_published(data_path(anchors_dir, data_root), columns) if anchors_dir else []
     by_label = {c.label: c for c in bench.curves} | {c.label: c for c in published}
     anchor_labels = [bench.anchor] if isinstance(bench.anchor, str) else list(bench.anchor or [])
-    for a in anchor_labels:
-        if a not in by_label:
-            raise ClbenchError(
-                f"{where}: anchor {a!r} is not a curve; curves: {', '.join(by_label)}"
-            )
+    _anchor_check(anchor_labels, list(by_label), where)
     for comp in bench.compare:
         for key in ("curve", "published"):
             if getattr(comp, key) not in by_label:
@@ -150,13 +206,7 @@ def run(
                     "threads": got["threads"],
                 }
 
-    bd_rows = [
-        bdm.bd(by_label[a], c, col, bench.bd_method)
-        for a in anchor_labels
-        for col in bd_cols
-        for c in [*bench.curves, *published]
-        if c is not by_label[a] and not all(p.get("lossless") for p in c.points)
-    ]
+    bd_rows = _bd_rows(anchor_labels, bd_cols, [*bench.curves, *published], bench.bd_method)
     key = bd_cols[0].key
     compares = []
     for comp in bench.compare:
@@ -225,6 +275,13 @@ def run(
     return results
 
 
+def _command(sub: str) -> str:
+    """The ``clbench codec SUB ...`` command line as run ("" when called from Python)."""
+    if sub not in sys.argv:
+        return ""
+    return shlex.join(["clbench", "codec", sub, *sys.argv[sys.argv.index(sub) + 1 :]])
+
+
 def run_eval_command(args: argparse.Namespace) -> int:
     """``clbench codec eval`` (see cli.py for the options)."""
     if args.benchmark:
@@ -254,11 +311,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path("results") / "codecs" / bench.name
-    command = (
-        shlex.join(["clbench", "codec", "eval", *sys.argv[sys.argv.index("eval") + 1 :]])
-        if "eval" in sys.argv
-        else ""
-    )
+    command = _command("eval")
     res = run(bench, out, args.data_root, args.anchors, args.limit, not args.no_progress, command)
     key = res["metrics"][0]
     for c in res["curves"]:
@@ -278,4 +331,17 @@ def run_eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Benchmark", "Curve", "environment", "run", "run_eval_command"]
+def run_bd_command(args: argparse.Namespace) -> int:
+    """``clbench codec bd`` (see cli.py for the options)."""
+    _, md = rebd(args.results, args.anchor, args.bd, args.anchors, args.data_root)
+    command = _command("bd") or f"clbench codec bd {args.results}"
+    md = f"Command: `{command}` (BD figures from the saved points; nothing re-coded)\n\n{md}"
+    if args.out:
+        write_text_atomic(Path(args.out), md)
+        print(f"wrote {args.out}")
+    else:
+        print(md)
+    return 0
+
+
+__all__ = ["Benchmark", "Curve", "environment", "rebd", "run", "run_bd_command", "run_eval_command"]

@@ -139,6 +139,54 @@ def render(blocks: list[tuple[str, Any]], pngs: dict[str, bytes], title: str) ->
     return "\n".join(md), html_document(title, body)
 
 
+def bd_blocks(bd_rows: list[dict[str, Any]], columns: Sequence[Column]) -> list[tuple[str, Any]]:
+    """One heading, note and table per (anchor, metric) of ``bd_rows``."""
+    b: list[tuple[str, Any]] = []
+    by_col = {c.key: c for c in columns}
+    for anchor in dict.fromkeys(r["anchor"] for r in bd_rows):
+        for key in dict.fromkeys(r["metric"] for r in bd_rows if r["anchor"] == anchor):
+            col = by_col[key]
+            b.append(
+                (
+                    "h2",
+                    f"BD-rate against {anchor} on {col.label} (negative = fewer bits for the same quality)",
+                )
+            )
+            b.append(
+                (
+                    "p",
+                    f"BD-rate integrates over the {col.short} range both curves cover, "
+                    f"{col.bd_header} over the common bitrate range; with a small overlap "
+                    "either can mislead (see the overlap columns).",
+                )
+            )
+            header = [
+                "curve",
+                "BD-rate %",
+                col.bd_header,
+                f"{col.short} range",
+                "overlap",
+                "bpp overlap",
+                "note",
+            ]
+            rows = []
+            for r in (r for r in bd_rows if r["anchor"] == anchor and r["metric"] == key):
+                rng = r.get(f"{key}_range")
+                rows.append(
+                    [
+                        r["curve"],
+                        fmt(r["bd_rate_pct"], 2),
+                        fmt(r[col.bd], 3),
+                        f"{rng[0]:.2f}-{rng[1]:.2f}" if rng else "",
+                        fmt(r.get("overlap", math.nan), 2),
+                        fmt(r.get("rate_overlap", math.nan), 2),
+                        r.get("note", ""),
+                    ]
+                )
+            b.append(("table", (header, rows, (0, 6))))
+    return b
+
+
 def report_blocks(
     bench: Benchmark,
     columns: list[Column],
@@ -209,48 +257,8 @@ def report_blocks(
                     ]
                 )
         b.append(("table", (header, rows, (0, 1))))
+    b += bd_blocks(bd_rows, columns)
     by_col = {c.key: c for c in columns}
-    for anchor in dict.fromkeys(r["anchor"] for r in bd_rows):
-        for key in dict.fromkeys(r["metric"] for r in bd_rows if r["anchor"] == anchor):
-            col = by_col[key]
-            b.append(
-                (
-                    "h2",
-                    f"BD-rate against {anchor} on {col.label} (negative = fewer bits for the same quality)",
-                )
-            )
-            b.append(
-                (
-                    "p",
-                    f"BD-rate integrates over the {col.short} range both curves cover, "
-                    f"{col.bd_header} over the common bitrate range; with a small overlap "
-                    "either can mislead (see the overlap columns).",
-                )
-            )
-            header = [
-                "curve",
-                "BD-rate %",
-                col.bd_header,
-                f"{col.short} range",
-                "overlap",
-                "bpp overlap",
-                "note",
-            ]
-            rows = []
-            for r in (r for r in bd_rows if r["anchor"] == anchor and r["metric"] == key):
-                rng = r.get(f"{key}_range")
-                rows.append(
-                    [
-                        r["curve"],
-                        fmt(r["bd_rate_pct"], 2),
-                        fmt(r[col.bd], 3),
-                        f"{rng[0]:.2f}-{rng[1]:.2f}" if rng else "",
-                        fmt(r.get("overlap", math.nan), 2),
-                        fmt(r.get("rate_overlap", math.nan), 2),
-                        r.get("note", ""),
-                    ]
-                )
-            b.append(("table", (header, rows, (0, 6))))
     for comp in compares:
         key = comp["metric"]
         col = by_col[key]
