@@ -243,32 +243,50 @@ class DHVCModel(nn.Module):
         return (x + 1) / 2, feats
 
     # -- training ---------------------------------------------------------------------------
-    def forward_frame(self, x: torch.Tensor, refs, lmbda: torch.Tensor) -> dict[str, Any]:
+    def forward_frame(
+        self, x: torch.Tensor, refs, lmbda: torch.Tensor, keep: int | None = None
+    ) -> dict[str, Any]:
         """One frame with the training relaxation (uniform noise for the rate, straight-
         through rounding for the decoder) or, in eval mode, real rounding. Returns the
-        reconstruction, bits per image and the features that become references."""
+        reconstruction, bits per image and the features that become references; with
+        ``keep`` < S also ``x_hat_coarse``, the decode of the ``keep`` coarsest scales
+        with the prior means above them (what a progressive receiver sees)."""
         emb = self.embed(lmbda)
         enc = self.encode_features(x, emb)
-        bits = []
+        bits, zs = [], []
 
         def get_z(s, f, pm, ps):
             blk = self.latents[s]
             qm = blk.posterior(f, enc[s], emb)
             _, lik = blk.gc(qm, ps, means=pm, training=self.training)
             bits.append(-torch.log2(lik).sum(dim=(1, 2, 3)))
-            return pm + (torch.round(qm - pm) - (qm - pm)).detach() + (qm - pm)
+            zs.append(pm + (torch.round(qm - pm) - (qm - pm)).detach() + (qm - pm))
+            return zs[-1]
 
         x_hat, feats = self.topdown(x.shape[0], x.shape[2:], refs, emb, get_z)
-        return {"x_hat": x_hat, "bits": torch.stack(bits, 1), "feats": feats}
+        out = {"x_hat": x_hat, "bits": torch.stack(bits, 1), "feats": feats}
+        if keep is not None and keep < self.num_scales:
+            # The coarse scales' latents do not depend on the finer ones: reuse them.
+            out["x_hat_coarse"], _ = self.topdown(
+                x.shape[0], x.shape[2:], refs, emb, lambda s, f, pm, ps: zs[s] if s < keep else pm
+            )
+        return out
 
-    def forward_clip(self, clip: torch.Tensor, lmbda: torch.Tensor, gop: int | None = None):
-        """A (B, T, 3, H, W) clip coded frame after frame; frame 0 (and every ``gop``-th) intra."""
+    def forward_clip(
+        self,
+        clip: torch.Tensor,
+        lmbda: torch.Tensor,
+        gop: int | None = None,
+        keep: int | None = None,
+    ):
+        """A (B, T, 3, H, W) clip coded frame after frame; frame 0 (and every ``gop``-th)
+        intra. ``keep``: see :meth:`forward_frame` (references stay the full decode's)."""
         refs = self.initial_refs(clip.shape[0])
         out = []
         for t in range(clip.shape[1]):
             if gop and t % gop == 0:
                 refs = self.initial_refs(clip.shape[0])
-            r = self.forward_frame(clip[:, t], refs, lmbda)
+            r = self.forward_frame(clip[:, t], refs, lmbda, keep)
             refs = self.next_refs(refs, r["feats"])
             out.append(r)
         return out

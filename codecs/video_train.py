@@ -67,6 +67,7 @@ class VideoTrainConfig:
     ckpt_every: int = 200
     seed: int = 0
     threads: int | None = None
+    progressive: float = 0.0
 
     def check(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -76,6 +77,8 @@ class VideoTrainConfig:
         for key in ("frames", "stride", "crop", "batch_size", "val_every", "ckpt_every"):
             if getattr(self, key) < 1:
                 raise ClbenchError(f"codec train-video: --{key.replace('_', '-')} must be >= 1")
+        if self.progressive < 0:
+            raise ClbenchError("codec train-video: --progressive must be >= 0 (0: off)")
         if not 0 <= self.clip_share <= 1 or not 0 < self.lr_drop_at <= 1:
             raise ClbenchError("codec train-video: clip_share and lr_drop_at are fractions 0..1")
 
@@ -124,16 +127,30 @@ def _batch(mix: Mixture, n: int, seed: int, step: int) -> Any:
     return torch.from_numpy(clips).permute(0, 1, 4, 2, 3).float().div_(255.0)
 
 
-def clip_loss(model: Any, x: Any, lmbda: Any) -> dict[str, Any]:
-    """Mean over clips and frames of bpp + lambda * MSE (pixels in [0, 1])."""
+def clip_loss(
+    model: Any, x: Any, lmbda: Any, progressive: float = 0.0, keep: int | None = None
+) -> dict[str, Any]:
+    """Mean over clips and frames of bpp + lambda * (MSE + progressive * MSE of the decode
+    of the ``keep`` coarsest scales) (pixels in [0, 1]); the second term only with ``keep``."""
     import torch
 
-    out = model.forward_clip(x, lmbda)
+    out = model.forward_clip(x, lmbda, keep=keep)
     px = x.shape[-2] * x.shape[-1]
+
+    def mse_of(key: str) -> Any:
+        return torch.stack(
+            [((o[key] - x[:, t]) ** 2).mean((1, 2, 3)) for t, o in enumerate(out)], 1
+        )
+
     bpp = torch.stack([o["bits"].sum(1) / px for o in out], 1)  # (B, T)
-    mse = torch.stack([((o["x_hat"] - x[:, t]) ** 2).mean((1, 2, 3)) for t, o in enumerate(out)], 1)
-    loss = (bpp + lmbda[:, None] * mse).mean()
-    return {"loss": loss, "bpp": bpp, "mse": mse}
+    mse = mse_of("x_hat")
+    r = {"bpp": bpp, "mse": mse}
+    dist = mse
+    if "x_hat_coarse" in out[0]:
+        r["mse_coarse"] = mse_of("x_hat_coarse")
+        dist = mse + progressive * r["mse_coarse"]
+    r["loss"] = (bpp + lmbda[:, None] * dist).mean()
+    return r
 
 
 def _qualities(model: Any, qs: list[int]) -> list[float]:
@@ -232,6 +249,11 @@ def train_video(cfg: VideoTrainConfig, resume: bool = False, progress: bool = Tr
                     "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf,
                 }
                 total += float(r["loss"])
+                if cfg.progressive > 0:  # quality of each truncated decode, monitoring only
+                    for k in range(1, model.num_scales):
+                        c = clip_loss(model, val, torch.full((len(val),), lm), keep=k)
+                        m = float(c["mse_coarse"].mean())
+                        rec[f"q{q}"][f"psnr_{k}_scales"] = 10 * math.log10(1 / m)
         model.train()
         rec["loss"] = total / len(val_lmbdas)
         return rec
@@ -259,7 +281,12 @@ def train_video(cfg: VideoTrainConfig, resume: bool = False, progress: bool = Tr
         t0 = time.perf_counter()
         x = _batch(mix, cfg.batch_size, cfg.seed, state["step"])
         lmbda = model.sample_lmbda(x.shape[0])
-        r = clip_loss(model, x, lmbda)
+        keep = None
+        if cfg.progressive > 0 and model.num_scales > 1:  # a random prefix of scales a step
+            keep = int(
+                np.random.default_rng([cfg.seed, state["step"], 1]).integers(1, model.num_scales)
+            )
+        r = clip_loss(model, x, lmbda, cfg.progressive, keep)
         if not torch.isfinite(r["loss"]):
             raise ClbenchError(f"codec train-video: non-finite loss at step {state['step']}")
         opt.zero_grad(set_to_none=True)
@@ -313,7 +340,7 @@ def add_train_video_parser(sub: Any) -> argparse.ArgumentParser:
     for key in ("steps", "frames", "stride", "crop", "batch-size", "val-every", "val-items",
                 "ckpt-every", "seed", "threads", "max-train-images"):  # fmt: skip
         p.add_argument(f"--{key}", type=int)
-    for key in ("minutes", "lr", "lr-drop-at", "clip", "clip-share", "max-speed"):
+    for key in ("minutes", "lr", "lr-drop-at", "clip", "clip-share", "max-speed", "progressive"):
         p.add_argument(f"--{key}", type=float)
     p.add_argument("--val-qualities", help="comma-separated quality indexes to validate")
     p.add_argument("--resume", action="store_true")

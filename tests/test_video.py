@@ -235,6 +235,22 @@ def test_dhvc_progressive_decoding_gives_a_coarse_frame(clip):
     assert np.array_equal(full.decode_video(sent), b)
 
 
+def test_training_truncated_decode_is_what_a_progressive_receiver_sees(clip):
+    """``forward_frame(keep=k)`` (the progressive training term) reconstructs an intra
+    frame exactly as the codec's decoder does from a packet with only k scales."""
+    c = dhvc(q=3, gop=8, scales=1)
+    sharpen(c)
+    received = c.decode_video(c.encode_video(clip[:1]))[0]
+    m = c.model.eval()
+    with torch.inference_mode():
+        lm = torch.tensor([c.lmbda])
+        r = m.forward_frame(c._tensor(clip[0]), m.initial_refs(1), lm, keep=1)
+        full = m.forward_frame(c._tensor(clip[0]), m.initial_refs(1), lm)
+    assert torch.equal(r["x_hat"], full["x_hat"]) and "x_hat_coarse" not in full
+    assert np.array_equal(c._image(r["x_hat_coarse"], 32, 32), received)
+    assert not np.array_equal(c._image(r["x_hat"], 32, 32), received)
+
+
 def test_dhvc_variable_rate_from_one_model(clip):
     from clbench.codecs.dhvc import unpack_frame
 
@@ -306,7 +322,7 @@ def test_classic_anchor_truncated_stream_is_one_line(clip):
 # training and evaluation
 
 
-def _train(tmp_path, files, steps, out, resume=False):
+def _train(tmp_path, files, steps, out, resume=False, **kw):
     from clbench.codecs.video_train import VideoTrainConfig, train_video
 
     stills = tmp_path / "stills"
@@ -328,6 +344,7 @@ def _train(tmp_path, files, steps, out, resume=False):
         val_items=2,
         ckpt_every=2,
         threads=1,
+        **kw,
     )
     return train_video(cfg, resume=resume, progress=False)
 
@@ -345,6 +362,19 @@ def test_training_resumes_exactly_and_makes_a_codec(tmp_path, files, clip):
     assert c.decode_video(data).shape == (3, 32, 32, 3)
     with pytest.raises(ClbenchError, match="already holds a run"):
         _train(tmp_path, files, 4, tmp_path / "b")
+
+
+def test_progressive_training_term_trains_and_logs_each_truncated_decode(tmp_path, files):
+    from clbench.codecs.video_train import VideoTrainConfig
+
+    a = _train(tmp_path, files, 2, tmp_path / "p0")
+    b = _train(tmp_path, files, 2, tmp_path / "p1", progressive=1.0)
+    assert "psnr_1_scales" in b["q0"] and "psnr_1_scales" not in a["q0"]
+    wa = torch.load(tmp_path / "p0" / "last.pth", weights_only=True)["state_dict"]
+    wb = torch.load(tmp_path / "p1" / "last.pth", weights_only=True)["state_dict"]
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # the term reaches the gradients
+    with pytest.raises(ClbenchError, match="--progressive must be >= 0"):
+        VideoTrainConfig(out="x", stills=["s"], steps=1, progressive=-1).check()
 
 
 def test_training_refuses_clips_shorter_than_t_before_writing(tmp_path, files):
