@@ -725,6 +725,13 @@ def _run(p: _Prepared, progress: bool) -> dict[str, Any]:
         rec["psnr"] = _psnr(rec["mse"])
         return rec
 
+    def write_log(complete: bool) -> None:
+        # The log is the small, committable record of a run: it says whether the run
+        # finished and its best validation loss, so drivers need not load the weights.
+        best_val = state["best_val"] if math.isfinite(state["best_val"]) else None
+        doc = {"config": asdict(cfg), "complete": complete, "best_val": best_val}
+        write_json(out / "train_log.json", {**doc, "history": state["history"]})
+
     def log_validation() -> dict[str, Any]:
         rec: dict[str, Any] = {"step": state["step"], "elapsed": round(state["elapsed"], 1)}
         if p.val_set is not None:
@@ -736,13 +743,13 @@ def _run(p: _Prepared, progress: bool) -> dict[str, Any]:
             rec["train_psnr"] = _psnr(rec["train_mse"])
         rec.update(method.log(run))
         state["history"].append(rec)
-        write_json(out / "train_log.json", {"config": asdict(cfg), "history": state["history"]})
         target = rec.get("loss", rec.get("train_loss"))
         if target is not None and math.isfinite(target):
             schedule.on_validation(target)
         if "loss" in rec and rec["loss"] < state["best_val"]:
             state["best_val"] = rec["loss"]
             save_best()
+        write_log(complete=False)
         return rec
 
     def replan() -> None:
@@ -833,6 +840,7 @@ def _run(p: _Prepared, progress: bool) -> dict[str, Any]:
     save_last(complete=True)
     if not best.is_file():  # no validation folder: the last model is the only one
         save_best()
+    write_log(complete=True)
     return rec
 
 

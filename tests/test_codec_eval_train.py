@@ -175,9 +175,14 @@ def test_tiny_training_lowers_the_loss_and_yields_a_codec(tmp_path):
         train(cfg, progress=False)
     # 32x32 validation images at --patch 32: the crop is Pillow's whole read-only buffer
     assert not [w for w in caught if "not writable" in str(w.message)]
-    log = json.loads((tmp_path / "run" / "train_log.json").read_text())["history"]
+    doc = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    log = doc["history"]
     assert [h["step"] for h in log] == [10, 20, 30, 40]
     assert log[-1]["loss"] < log[0]["loss"]
+    # the log alone says the run finished and its best validation loss (drivers read it)
+    assert doc["complete"] is True and doc["best_val"] == min(h["loss"] for h in log)
+    best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)["clbench"]["best_val"]
+    assert doc["best_val"] == best
     codec = get_codec(f"bmshj2018-factorized:checkpoint={tmp_path / 'run' / 'last.pth'}")
     assert codec.lmbda == 0.01 and codec.arch_kwargs == {"N": 16, "M": 16}
     img = write_pngs(tmp_path / "x", [(30, 20)])
