@@ -23,7 +23,11 @@ machine busy with two single-thread trainings.
    (the evaluation wing, ``clbench codec eval``).
 5. ``report``: ``RESULTS/README.md``: grid table, training curves, the commands as run.
 
-Runs go to ``--runs`` (weights stay there: 15-25 MB each), results to ``--results``.
+Runs go to ``--runs`` (weights stay there: 18-46 MB each, never committed), results to
+``--results``. Each finished training's ``train_log.json`` (which says it finished, and its
+best validation loss) is copied to ``RESULTS/logs/``, which is committed: a later session
+without the weights skips the trainings and evaluations already done and ranks the grid
+from those logs.
 """
 
 from __future__ import annotations
@@ -192,8 +196,10 @@ class Study:
         for spec in self.grid_specs():
             why = f"grid: {label(spec)} at lambda {a.grid_lambda:g}, {a.grid_minutes:g} min"
             out = a.runs / "grid" / label(spec)
-            cmds.append(self.train_cmd(spec, [a.grid_lambda], a.grid_minutes, out, why))
+            if not self._finished(out):
+                cmds.append(self.train_cmd(spec, [a.grid_lambda], a.grid_minutes, out, why))
         self.run_all(cmds)
+        self.archive()
 
     def grid_eval(self) -> None:
         out = self.a.results / "grid"
@@ -208,8 +214,6 @@ class Study:
         """Grid models, best first by their best validation R-D loss (Tiny-ImageNet val, the
         training λ): Kodak only reports, it never chooses. Each row also has the model's
         Kodak point, its rate saving against JPEG at that PSNR and its complexity."""
-        import torch
-
         res = json.loads((self.a.results / "grid" / "results.json").read_text())
         jpeg = next(c for c in res["curves"] if c["label"] == "JPEG")["points"]
         jp = sorted((p["psnr"], math.log(p["bpp"])) for p in jpeg)
@@ -221,12 +225,11 @@ class Study:
             pt = c["points"][0]
             inside = jp[0][0] <= pt["psnr"] <= jp[-1][0]
             jpeg_bpp = math.exp(np.interp(pt["psnr"], *zip(*jp, strict=True)))
-            ckpt = torch.load(self.grid_ckpt(spec), map_location="cpu", weights_only=True)
             rows.append(
                 {
                     "label": label(spec),
                     "spec": spec,
-                    "val_loss": ckpt["clbench"]["best_val"],
+                    "val_loss": self._best_val(self.a.runs / "grid" / label(spec)),
                     "bpp": pt["bpp"],
                     "psnr": pt["psnr"],
                     "saving_vs_jpeg_pct": 100 * (pt["bpp"] / jpeg_bpp - 1) if inside else math.nan,
@@ -260,15 +263,19 @@ class Study:
         cmds = []
         for spec in self.final_specs():
             d, lams = self.final_dir(spec), a.final_lambdas
+            outs = [d / f"lambda-{lm:g}" for lm in lams] if len(lams) > 1 else [d]
+            if all(self._finished(o) for o in outs):
+                continue
             if a.jobs > 1 and len(lams) > 1:  # one command per λ, in the folders one would make
-                for lm in lams:
+                for lm, out in zip(lams, outs, strict=True):
                     why = f"final: {spec} at lambda {lm:g}, {a.final_minutes:g} min"
-                    out = d / f"lambda-{lm:g}"
-                    cmds.append(self.train_cmd(spec, [lm], a.final_minutes, out, why))
+                    if not self._finished(out):
+                        cmds.append(self.train_cmd(spec, [lm], a.final_minutes, out, why))
             else:
                 why = f"final: {spec} at {len(lams)} lambdas, {a.final_minutes:g} min each"
                 cmds.append(self.train_cmd(spec, lams, a.final_minutes, d, why))
         self.run_all(cmds)
+        self.archive()
 
     def final_eval(self) -> None:
         out = self.a.results / "final"
@@ -291,6 +298,7 @@ class Study:
         from clbench.plots import curves_png, scatter_png
 
         a = self.a
+        self.archive()
         lines = [
             "# The efficient-LIC study (issue 14)",
             "",
@@ -349,7 +357,10 @@ class Study:
                 "",
             ]
         curves: dict[str, tuple[list[float], list[float]]] = {}
-        for run_dir in sorted(a.runs.glob("*/*")) + sorted(a.runs.glob("final/*/lambda-*")):
+        logs = a.results / "logs"
+        run_dirs = {a.runs / f.parent.relative_to(logs) for f in logs.rglob("train_log.json")}
+        run_dirs |= {f.parent for f in a.runs.rglob("train_log.json")}
+        for run_dir in sorted(run_dirs):
             log = [r for r in self._log(run_dir) if "psnr" in r]
             if log:
                 name = str(run_dir.relative_to(a.runs))
@@ -370,17 +381,54 @@ class Study:
         print(f"\n# report: {a.results / 'README.md'}")
 
     # -- helpers ------------------------------------------------------------------------
-    @staticmethod
-    def _log(run_dir: Path) -> list[dict[str, Any]]:
-        f = run_dir / "train_log.json"
-        return json.loads(f.read_text())["history"] if f.is_file() else []
+    def archive(self) -> None:
+        """Copy the log of every finished training under ``--runs`` to ``RESULTS/logs/``."""
+        from clbench.atomic import write_text_atomic
 
-    @staticmethod
-    def _fresh(out: Path, inputs: list[Path]) -> bool:
-        """``out`` exists and is newer than every input (which all exist)."""
-        if not out.is_file() or not all(p.is_file() for p in inputs):
+        if self.a.dry_run:
+            return
+        for f in sorted(self.a.runs.rglob("train_log.json")):
+            doc = json.loads(f.read_text())
+            if doc.get("complete"):
+                rel = f.parent.relative_to(self.a.runs)
+                write_text_atomic(self.a.results / "logs" / rel / "train_log.json", f.read_text())
+
+    def _log_doc(self, run_dir: Path) -> dict[str, Any]:
+        """A run's train_log.json: the live one, else the archived copy, else {}."""
+        for f in (run_dir / "train_log.json", self._archived(run_dir)):
+            if f.is_file():
+                return json.loads(f.read_text())
+        return {}
+
+    def _archived(self, run_dir: Path) -> Path:
+        return self.a.results / "logs" / run_dir.relative_to(self.a.runs) / "train_log.json"
+
+    def _log(self, run_dir: Path) -> list[dict[str, Any]]:
+        return self._log_doc(run_dir).get("history", [])
+
+    def _finished(self, run_dir: Path) -> bool:
+        """Finished by its archived log (a live unfinished run resumes with ``--resume``)."""
+        f = self._archived(run_dir)
+        return f.is_file() and bool(json.loads(f.read_text()).get("complete"))
+
+    def _best_val(self, run_dir: Path) -> float:
+        doc = self._log_doc(run_dir)
+        losses = [r["loss"] for r in doc.get("history", []) if "loss" in r]
+        best = doc.get("best_val", min(losses) if losses else None)
+        return math.inf if best is None else best
+
+    def _fresh(self, out: Path, inputs: list[Path]) -> bool:
+        """``out`` exists and is newer than every input; inputs that are gone (weights
+        from another session) count as older when their run's archived log is finished."""
+        if not out.is_file():
             return False
-        return all(out.stat().st_mtime > p.stat().st_mtime for p in inputs)
+        for p in inputs:
+            if p.is_file():
+                if p.stat().st_mtime >= out.stat().st_mtime:
+                    return False
+            elif not self._finished(p.parent):
+                return False
+        return True
 
 
 def _flag(key: str, value: Any) -> str:
