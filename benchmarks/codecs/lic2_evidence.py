@@ -22,6 +22,10 @@ Parts (run them in this order; `all` runs the three, then `report`):
 
     python benchmarks/codecs/lic2_evidence.py all --data-root /path/to/data --jobs 2
 
+Across sessions: the weights under runs/ are not committed, the training logs and the
+evaluations are; a part whose Kodak evaluation exists is skipped whole, a part without one
+is trained again where its weights are gone (finish a part within one session).
+
 Data: Tiny-ImageNet train (64x64 crops) for training and its val split for validation;
 Kodak (never trained on) for evaluation; all through --data-root / CLBENCH_DATA_ROOT.
 Outputs: results/codecs/lic2/ (runs/ holds the checkpoints and training logs).
@@ -121,8 +125,15 @@ class Evidence:
                     self.train(self.folder(m, s, lm), a.arch, lm, a.steps, m, s)
         self.flush()
 
+    def done(self, part: str) -> bool:
+        """A part is done when its Kodak evaluation is on disk: its weights (not committed)
+        are then no longer needed, and a later session skips its trainings."""
+        return (self.out / f"eval-{part}" / "results.json").is_file()
+
     def balanced(self) -> None:
         a = self.a
+        if self.done("balanced"):
+            return
         self.train_beside_standard("balanced-rd")
         name = a.arch.partition(":")[0]
         for s in a.seeds:
@@ -137,11 +148,15 @@ class Evidence:
         self.evaluate("balanced", ["standard", "balanced-rd", "standard-ft", "balanced-rd-qp"])
 
     def stdet(self) -> None:
+        if self.done("stdet"):
+            return
         self.train_beside_standard("stdet-sma")
         self.evaluate("stdet", ["standard", "stdet-sma"])
 
     def bgvae(self) -> None:
         a = self.a
+        if self.done("bgvae") and (self.out / "eval-bgvae" / "extras.json").is_file():
+            return
         bg = f"bgvae:pretrained=false,width={a.bg_width}"
         teacher = self.runs / "bgvae-teacher"
         self.train(teacher, f"bgvae:pretrained=false,bound=true,width={a.teacher_width}",
