@@ -300,7 +300,9 @@ def fault_point(name: str) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(path: str | os.PathLike, timeout: float = 0.0, *, what: str = "") -> Iterator[Path]:
+def run_lock(
+    path: str | os.PathLike, timeout: float = 0.0, *, what: str = "", hint: str = ""
+) -> Iterator[Path]:
     """Hold the lock file ``path`` for the body of a ``with`` block.
 
     Args:
@@ -309,6 +311,7 @@ def run_lock(path: str | os.PathLike, timeout: float = 0.0, *, what: str = "") -
         timeout: seconds to wait for another holder; 0 fails at once, a negative value waits
             for ever.
         what: how the error names the locked thing (default: the lock file).
+        hint: what the error tells the user to do (default: wait, or --lock-timeout).
 
     Raises:
         ClbenchError: another process holds the lock after ``timeout`` seconds.
@@ -322,9 +325,19 @@ def run_lock(path: str | os.PathLike, timeout: float = 0.0, *, what: str = "") -
         waited = f" after waiting {timeout:g} s" if timeout > 0 else ""
         raise ClbenchError(
             f"{what or path} is being written by another process (lock {path} is held{waited}); "
-            "wait for it to finish, or pass --lock-timeout SECONDS to wait for it"
+            + (hint or "wait for it to finish, or pass --lock-timeout SECONDS to wait for it")
         ) from None
     try:
         yield path
     finally:
         lock.release()
+
+
+def training_lock(out: str | os.PathLike, who: str) -> contextlib.AbstractContextManager[Path]:
+    """One trainer per run folder: a second ``--resume`` on a folder being trained would
+    interleave two runs' checkpoints. Fails at once, before anything is written."""
+    return run_lock(
+        Path(out) / ".locks" / "train.lock",
+        what=f"{who}: run folder {out}",
+        hint="wait for that training to finish, or choose another --out",
+    )

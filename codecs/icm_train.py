@@ -24,6 +24,7 @@ sampling generator, optimizers and step count are in the checkpoint. Training ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -213,6 +214,13 @@ def _now() -> tuple[float, float]:
 
 def train(cfg: ICMTrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) an ICM training; returns the last validation record."""
+    with contextlib.ExitStack() as stack:  # holds the run folder's lock once it is taken
+        return _train(cfg, resume, progress, stack)
+
+
+def _train(
+    cfg: ICMTrainConfig, resume: bool, progress: bool, stack: contextlib.ExitStack
+) -> dict[str, Any]:
     import torch
 
     from clbench.atomic import torch_save_atomic, write_json_atomic
@@ -292,6 +300,11 @@ def train(cfg: ICMTrainConfig, resume: bool = False, progress: bool = True) -> d
                 f"the task model now loaded has {tm.fingerprint()}"
             )
         state.update({k: meta[k] for k in state})
+    from clbench.atomic import training_lock
+
+    stack.enter_context(
+        training_lock(out, "codec icm-train")
+    )  # after every check: nothing written before
     out.mkdir(parents=True, exist_ok=True)
 
     n_val = min(cfg.val_images, len(test_set))

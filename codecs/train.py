@@ -581,6 +581,13 @@ def train_many(
 
 
 def _run(p: _Prepared, progress: bool) -> dict[str, Any]:
+    from clbench.atomic import training_lock
+
+    with training_lock(p.cfg.out, "codec train"):
+        return _run_locked(p, progress)
+
+
+def _run_locked(p: _Prepared, progress: bool) -> dict[str, Any]:
     import torch
     from timm.utils import ModelEmaV3
     from tqdm import tqdm
@@ -770,6 +777,7 @@ def _run(p: _Prepared, progress: bool) -> dict[str, Any]:
             g["lr"] = lr
 
     if finished():  # resuming a run that already reached this budget
+        write_log(complete=True)  # (a log from before logs said so)
         return state["history"][-1] if state["history"] else {"step": state["step"]}
 
     bar = tqdm(

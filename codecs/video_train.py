@@ -19,6 +19,7 @@ the quantisation noise comes from torch's RNG saved in checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -166,6 +167,13 @@ def _qualities(model: Any, qs: list[int]) -> list[float]:
 
 def train_video(cfg: VideoTrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) a training; returns the last validation record."""
+    with contextlib.ExitStack() as stack:  # holds the run folder's lock once it is taken
+        return _train_video(cfg, resume, progress, stack)
+
+
+def _train_video(
+    cfg: VideoTrainConfig, resume: bool, progress: bool, stack: contextlib.ExitStack
+) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -216,6 +224,11 @@ def train_video(cfg: VideoTrainConfig, resume: bool = False, progress: bool = Tr
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         state.update({k: meta[k] for k in ("step", "elapsed", "history", "best_val")})
+    from clbench.atomic import training_lock
+
+    stack.enter_context(
+        training_lock(out, "codec train-video")
+    )  # after every check: nothing written before
     out.mkdir(parents=True, exist_ok=True)
 
     def save(path: Path, full: bool) -> None:

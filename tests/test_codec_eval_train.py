@@ -192,6 +192,11 @@ def test_tiny_training_lowers_the_loss_and_yields_a_codec(tmp_path):
     with pytest.raises(ClbenchError, match="already holds a run"):
         train(cfg, progress=False)
     cfg.steps = 45
+    from clbench.atomic import training_lock
+
+    with training_lock(tmp_path / "run", "another trainer"):  # one trainer per run folder
+        with pytest.raises(ClbenchError, match=r"run folder .*run is being written by another"):
+            train(cfg, resume=True, progress=False)
     train(cfg, resume=True, progress=False)
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())["history"]
     assert log[-1]["step"] == 45

@@ -62,13 +62,22 @@ def test_finished_runs_are_archived_skipped_and_ranked_without_weights(tmp_path,
     study.grid()
     printed = capsys.readouterr().out
     assert "--out " + str(runs / "convnext-hyperprior") in printed
-    assert str(runs / "resnet-hyperprior") not in printed
+    # finished but never evaluated, and its weights are gone: trained again, then evaluated
+    assert "--out " + str(runs / "resnet-hyperprior") in printed
+    res = tmp_path / "res" / "grid"
+    for name in ("resnet-hyperprior", "JPEG"):
+        (res / name).mkdir(parents=True)
+        (res / name / "results.json").write_text("{}")
+    study.grid()
+    printed = capsys.readouterr().out  # evaluated: nothing left to do for it
+    assert (
+        str(runs / "resnet-hyperprior") not in printed and "grid-eval: Kodak, JPEG" not in printed
+    )
+    assert "grid-eval: Kodak, convnext-hyperprior" in printed
     assert study._best_val(runs / "resnet-hyperprior") == 2.5
     assert [r["step"] for r in study._log(runs / "resnet-hyperprior")] == [100, 200]
     # an evaluation is fresh when the weights of its finished runs are gone ...
-    out = tmp_path / "res" / "grid" / "results.json"
-    out.parent.mkdir(parents=True)
-    out.write_text("{}")
+    out = res / "resnet-hyperprior" / "results.json"
     ckpt = runs / "resnet-hyperprior" / "best.pth"
     assert study._fresh(out, [ckpt])
     # ... but not when an unfinished run's are, nor when weights are newer than it
@@ -77,3 +86,23 @@ def test_finished_runs_are_archived_skipped_and_ranked_without_weights(tmp_path,
     later = time.time() + 10
     os.utime(ckpt, (later, later))
     assert not study._fresh(out, [ckpt])
+
+
+def test_ranking_reads_each_models_own_evaluation_and_the_archived_log(tmp_path):
+    _, study = _study(tmp_path)
+    _log(tmp_path / "runs" / "grid" / "resnet-hyperprior", True, [3.0, 2.5])
+    _log(tmp_path / "runs" / "grid" / "convnext-hyperprior", True, [2.0])
+
+    def result(name: str, points: list[tuple[float, float]]) -> None:
+        f = study.grid_result(name)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        pts = [{"bpp": b, "psnr": q, "params": 10, "dec_kmacs_px": 5.0} for b, q in points]
+        f.write_text(json.dumps({"curves": [{"label": name, "points": pts}]}))
+
+    result("JPEG", [(0.25, 26.0), (0.5, 29.0), (1.0, 32.0)])
+    result("resnet-hyperprior", [(0.4, 29.0)])  # 20 % fewer bits than JPEG at 29 dB
+    result("convnext-hyperprior", [(0.5, 35.0)])  # outside JPEG's PSNR range
+    rows = study.ranking()
+    assert [r["label"] for r in rows] == ["convnext-hyperprior", "resnet-hyperprior"]
+    assert rows[1]["val_loss"] == 2.5 and abs(rows[1]["saving_vs_jpeg_pct"] + 20) < 1e-9
+    assert rows[0]["saving_vs_jpeg_pct"] != rows[0]["saving_vs_jpeg_pct"]  # NaN: no JPEG there

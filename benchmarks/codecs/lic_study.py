@@ -8,10 +8,11 @@ bit-identically (every training command runs with ``--resume``), so the same com
 continues an interrupted study:
 
 1. ``grid``: every transform x context of ``lic_study.yaml`` (3 x 3), one λ, the same
-   training-time budget each (``--grid-minutes``).
-2. ``grid-eval``: Kodak R-D of the grid (one point each) with complexity (parameters,
-   encoder/decoder kMACs per pixel, latency), against JPEG, and each model's rate saving
-   against JPEG at its PSNR; the grid is ranked by validation loss (Kodak never chooses).
+   training-time budget each (``--grid-minutes``), each followed in the same job by its
+   Kodak evaluation (one point, with complexity: parameters, encoder/decoder kMACs per
+   pixel, latency) into ``RESULTS/grid/<model>/``; JPEG once into ``RESULTS/grid/JPEG/``.
+2. ``grid-eval``: whatever ``grid`` left unevaluated. Each model's rate saving against
+   JPEG at its PSNR; the grid is ranked by validation loss (Kodak never chooses).
 3. ``final``: the ``--best`` models (or ``--final SPEC ...``) at the four final λ, one
    command each (``--final-minutes`` per λ).
 
@@ -49,6 +50,7 @@ import numpy as np
 import yaml
 
 HERE = Path(__file__).resolve().parent
+Cmd = tuple[list[str], str]  # a clbench command's arguments, and why it runs
 
 
 def load_settings(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,12 +118,22 @@ class Study:
     def run(self, args: list[str], why: str) -> None:
         self.run_all([(args, why)])
 
-    def run_all(self, cmds: list[tuple[list[str], str]]) -> None:
-        """Run ``clbench`` commands, ``--jobs`` at a time; stop after them if any failed."""
+    def run_all(self, jobs: list[Cmd | list[Cmd]]) -> None:
+        """Run jobs, ``--jobs`` at a time; a job is one ``clbench`` command or a list run in
+        order (a training, then its evaluation, while its weights exist). Stops after them
+        if any failed."""
+        seqs = [j if isinstance(j, list) else [j] for j in jobs]
         with ThreadPoolExecutor(max(1, self.a.jobs)) as pool:
-            failed = [f for f in pool.map(lambda c: self._run_one(*c), cmds) if f]
+            failed = [f for f in pool.map(self._run_seq, seqs) if f]
         if failed:
             sys.exit(f"lic_study: {failed[0]}")
+
+    def _run_seq(self, cmds: list[Cmd]) -> str | None:
+        for args, why in cmds:
+            failed = self._run_one(args, why)
+            if failed:
+                return failed
+        return None
 
     def _run_one(self, args: list[str], why: str) -> str | None:
         text = shlex.join(["clbench", *args])
@@ -155,7 +167,10 @@ class Study:
         return args, why
 
     def evaluate(self, name: str, curves: dict[str, Any], anchors: list[str], why: str) -> None:
-        """Write the benchmark YAML beside its results, then ``clbench codec eval`` it."""
+        self.run(*self.eval_cmd(name, curves, anchors, why))
+
+    def eval_cmd(self, name: str, curves: dict[str, Any], anchors: list[str], why: str) -> Cmd:
+        """Write the benchmark YAML beside its results; the ``clbench codec eval`` command."""
         a = self.a
         bench = {
             "name": f"lic-study-{name}",
@@ -181,7 +196,7 @@ class Study:
         ]
         args += ["--threads", str(a.threads), "--no-progress"]
         args += ["--limit", str(a.limit)] if a.limit else []
-        self.run(args, why)
+        return args, why
 
     # -- phases -------------------------------------------------------------------------
     def grid_specs(self) -> list[str]:
@@ -191,38 +206,64 @@ class Study:
         return self.a.runs / "grid" / label(spec) / "best.pth"
 
     def grid(self) -> None:
+        """Each grid model's training, then at once its one-point Kodak evaluation (with
+        complexity) in the same job: a session that ends keeps every finished model's
+        figures, though the weights are not kept."""
         a = self.a
-        cmds = []
+        jobs: list[Cmd | list[Cmd]] = []
+        if not self._fresh(self.grid_result("JPEG"), []):
+            jobs.append(self.grid_eval_cmd("JPEG", a.classic["JPEG"]))
         for spec in self.grid_specs():
             why = f"grid: {label(spec)} at lambda {a.grid_lambda:g}, {a.grid_minutes:g} min"
             out = a.runs / "grid" / label(spec)
-            if not self._finished(out):
-                cmds.append(self.train_cmd(spec, [a.grid_lambda], a.grid_minutes, out, why))
-        self.run_all(cmds)
+            job = []
+            ckpt = self.grid_ckpt(spec)
+            evaluated = self._fresh(self.grid_result(label(spec)), [ckpt])
+            # a finished run whose weights went with an earlier session, unevaluated: again
+            if not self._finished(out) or not (evaluated or ckpt.is_file()):
+                job.append(self.train_cmd(spec, [a.grid_lambda], a.grid_minutes, out, why))
+            if not evaluated:
+                job.append(self.grid_eval_cmd(label(spec), f"eff-lic:checkpoint={ckpt}"))
+            if job:
+                jobs.append(job)
+        self.run_all(jobs)
         self.archive()
 
+    def grid_result(self, name: str) -> Path:
+        return self.a.results / "grid" / name / "results.json"
+
+    def grid_eval_cmd(self, name: str, spec: str) -> Cmd:
+        why = f"grid-eval: Kodak, {name}"
+        return self.eval_cmd(f"grid/{name}", {name: spec}, [], why)
+
     def grid_eval(self) -> None:
-        out = self.a.results / "grid"
-        if self._fresh(out / "results.json", [self.grid_ckpt(s) for s in self.grid_specs()]):
-            print(f"\n# grid-eval: {out} is up to date")
-            return
-        curves = {label(s): f"eff-lic:checkpoint={self.grid_ckpt(s)}" for s in self.grid_specs()}
-        curves["JPEG"] = self.a.classic["JPEG"]
-        self.evaluate("grid", curves, ["JPEG"], "grid-eval: Kodak, one point per grid model")
+        """What ``grid`` left unevaluated (its weights must still be here)."""
+        jobs = []
+        if not self._fresh(self.grid_result("JPEG"), []):
+            jobs.append(self.grid_eval_cmd("JPEG", self.a.classic["JPEG"]))
+        for spec in self.grid_specs():
+            if not self._fresh(self.grid_result(label(spec)), [self.grid_ckpt(spec)]):
+                jobs.append(
+                    self.grid_eval_cmd(label(spec), f"eff-lic:checkpoint={self.grid_ckpt(spec)}")
+                )
+        self.run_all(jobs)
 
     def ranking(self) -> list[dict[str, Any]]:
         """Grid models, best first by their best validation R-D loss (Tiny-ImageNet val, the
         training λ): Kodak only reports, it never chooses. Each row also has the model's
         Kodak point, its rate saving against JPEG at that PSNR and its complexity."""
-        res = json.loads((self.a.results / "grid" / "results.json").read_text())
-        jpeg = next(c for c in res["curves"] if c["label"] == "JPEG")["points"]
-        jp = sorted((p["psnr"], math.log(p["bpp"])) for p in jpeg)
+
+        def points(name: str) -> list[dict[str, Any]]:
+            f = self.grid_result(name)
+            return json.loads(f.read_text())["curves"][0]["points"] if f.is_file() else []
+
+        jp = sorted((p["psnr"], math.log(p["bpp"])) for p in points("JPEG"))
         rows = []
         for spec in self.grid_specs():
-            c = next((c for c in res["curves"] if c["label"] == label(spec)), None)
-            if c is None or not c["points"]:
+            pts = points(label(spec))
+            if not pts or not jp:
                 continue
-            pt = c["points"][0]
+            pt = pts[0]
             inside = jp[0][0] <= pt["psnr"] <= jp[-1][0]
             jpeg_bpp = math.exp(np.interp(pt["psnr"], *zip(*jp, strict=True)))
             rows.append(
@@ -242,7 +283,7 @@ class Study:
     def final_specs(self) -> list[str]:
         if self.a.final:
             return self.a.final
-        if self.a.dry_run and not (self.a.results / "grid" / "results.json").is_file():
+        if self.a.dry_run and not self.ranking():
             return ["<best grid model 1>", "<best grid model 2>"][: self.a.best]
         return [r["spec"] for r in self.ranking()[: self.a.best]]
 
@@ -309,20 +350,20 @@ class Study:
             f"Recipe: `{' '.join(_flag(k, v) for k, v in a.recipe_opts.items())}`, threads: {a.threads}.",
             "",
         ]
-        if (a.results / "grid" / "results.json").is_file():
+        rows = self.ranking()
+        if rows:
             lines += [
                 f"## Grid: {len(self.grid_specs())} models, lambda {a.grid_lambda:g}, {a.grid_minutes:g} min each",
                 "",
                 "Ranked by the best validation loss (λ·255²·MSE + bpp on Tiny-ImageNet val, the",
                 f"training λ); the best {a.best} go on to the final λ. Rate saving vs JPEG: the",
                 "model's Kodak bpp against JPEG's at the same PSNR (JPEG interpolated linearly in",
-                "log-bpp), a one-point BD-rate (n/a outside JPEG's PSNR range). Full report:",
-                "[grid/report.md](grid/report.md).",
+                "log-bpp), a one-point BD-rate (n/a outside JPEG's PSNR range). Each model's",
+                "report (with its complexity): `grid/<model>/report.md`.",
                 "",
                 "| model | params | enc kMACs/px | dec kMACs/px | steps | val loss | Kodak bpp | PSNR dB | saving vs JPEG |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
-            rows = self.ranking()
             for r in rows:
                 log = self._log(a.runs / "grid" / r["label"])
                 lines.append(
