@@ -539,7 +539,7 @@ def bound_point(model: Any, images: list[np.ndarray], lmbda: float) -> dict[str,
     bpp, mse = [], []
     with torch.inference_mode():
         for img in images:
-            x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255)
+            x = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous().float().div(255)
             out = model(x, lmbda=lmbda)
             bits = sum(-torch.log2(v).sum() for v in out["likelihoods"].values())
             bpp.append(float(bits) / (img.shape[0] * img.shape[1]))

@@ -530,7 +530,8 @@ class DHVC(VideoCodec):
         from clbench.datasets.video import pad_frames
 
         padded, _ = pad_frames(frame, self.model.multiple)
-        x = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)[None]
+        # contiguous NCHW like every decoder-side tensor (see learned.py, encode_batch)
+        x = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)[None].contiguous()
         return x.float().div_(255.0).to(self.device)
 
     @staticmethod

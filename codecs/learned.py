@@ -306,9 +306,12 @@ class CompressAICodec(Codec):
                 for s in range(0, len(idx), self.batch):
                     chunk = idx[s : s + self.batch]
                     x = torch.from_numpy(np.stack([images[i] for i in chunk])).to(self.device)
-                    x = F.pad(
-                        x.permute(0, 3, 1, 2).float().div_(255.0), pad, mode="constant", value=0
-                    )
+                    # contiguous NCHW, as the decoder's tensors are: the permuted HWC array
+                    # is channels_last, and convolutions in another memory layout round
+                    # differently; a context model's scale index can then differ between
+                    # encoder and decoder, and the arithmetic decoder loses sync.
+                    x = x.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+                    x = F.pad(x, pad, mode="constant", value=0)
                     enc = self.model.compress(x)
                     shape = container.shape_to_json(enc["shape"])
                     for j, i in enumerate(chunk):

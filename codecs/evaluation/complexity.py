@@ -64,7 +64,11 @@ def _frozen(modules: Sequence[Any]) -> Iterator[None]:
         yield
     finally:
         for p, f in zip(params, flags, strict=True):
-            p.requires_grad_(f)
+            # CompressAI's MaskedConv2d rewrites its weight.data in forward: coded inside
+            # inference_mode, that weight became an inference tensor, which cannot
+            # require grad again (and is no use for training any more).
+            if not p.is_inference():
+                p.requires_grad_(f)
 
 
 def count_macs(
