@@ -302,9 +302,8 @@ def _train(
         state.update({k: meta[k] for k in state})
     from clbench.atomic import training_lock
 
-    stack.enter_context(
-        training_lock(out, "codec icm-train")
-    )  # after every check: nothing written before
+    # after every check, so that a refused run writes nothing
+    stack.enter_context(training_lock(out, "codec icm-train"))
     out.mkdir(parents=True, exist_ok=True)
 
     n_val = min(cfg.val_images, len(test_set))

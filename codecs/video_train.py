@@ -226,9 +226,8 @@ def _train_video(
         state.update({k: meta[k] for k in ("step", "elapsed", "history", "best_val")})
     from clbench.atomic import training_lock
 
-    stack.enter_context(
-        training_lock(out, "codec train-video")
-    )  # after every check: nothing written before
+    # after every check, so that a refused run writes nothing
+    stack.enter_context(training_lock(out, "codec train-video"))
     out.mkdir(parents=True, exist_ok=True)
 
     def save(path: Path, full: bool) -> None:

@@ -210,24 +210,33 @@ class Study:
         complexity) in the same job: a session that ends keeps every finished model's
         figures, though the weights are not kept."""
         a = self.a
-        jobs: list[Cmd | list[Cmd]] = []
-        if not self._fresh(self.grid_result("JPEG"), []):
-            jobs.append(self.grid_eval_cmd("JPEG", a.classic["JPEG"]))
+        jobs: list[Cmd | list[Cmd]] = self._jpeg_eval()
         for spec in self.grid_specs():
             why = f"grid: {label(spec)} at lambda {a.grid_lambda:g}, {a.grid_minutes:g} min"
             out = a.runs / "grid" / label(spec)
-            job = []
-            ckpt = self.grid_ckpt(spec)
-            evaluated = self._fresh(self.grid_result(label(spec)), [ckpt])
+            evals = self._model_eval(spec)
             # a finished run whose weights went with an earlier session, unevaluated: again
-            if not self._finished(out) or not (evaluated or ckpt.is_file()):
-                job.append(self.train_cmd(spec, [a.grid_lambda], a.grid_minutes, out, why))
-            if not evaluated:
-                job.append(self.grid_eval_cmd(label(spec), f"eff-lic:checkpoint={ckpt}"))
+            if not self._finished(out) or (evals and not self.grid_ckpt(spec).is_file()):
+                job = [self.train_cmd(spec, [a.grid_lambda], a.grid_minutes, out, why), *evals]
+            else:
+                job = evals
             if job:
                 jobs.append(job)
         self.run_all(jobs)
         self.archive()
+
+    def _jpeg_eval(self) -> list[Cmd]:
+        """JPEG's grid evaluation, unless it is on disk."""
+        if self._fresh(self.grid_result("JPEG"), []):
+            return []
+        return [self.grid_eval_cmd("JPEG", self.a.classic["JPEG"])]
+
+    def _model_eval(self, spec: str) -> list[Cmd]:
+        """A grid model's evaluation, unless it is on disk and newer than its weights."""
+        ckpt = self.grid_ckpt(spec)
+        if self._fresh(self.grid_result(label(spec)), [ckpt]):
+            return []
+        return [self.grid_eval_cmd(label(spec), f"eff-lic:checkpoint={ckpt}")]
 
     def grid_result(self, name: str) -> Path:
         return self.a.results / "grid" / name / "results.json"
@@ -238,15 +247,9 @@ class Study:
 
     def grid_eval(self) -> None:
         """What ``grid`` left unevaluated (its weights must still be here)."""
-        jobs = []
-        if not self._fresh(self.grid_result("JPEG"), []):
-            jobs.append(self.grid_eval_cmd("JPEG", self.a.classic["JPEG"]))
-        for spec in self.grid_specs():
-            if not self._fresh(self.grid_result(label(spec)), [self.grid_ckpt(spec)]):
-                jobs.append(
-                    self.grid_eval_cmd(label(spec), f"eff-lic:checkpoint={self.grid_ckpt(spec)}")
-                )
-        self.run_all(jobs)
+        self.run_all(
+            [*self._jpeg_eval(), *(c for s in self.grid_specs() for c in self._model_eval(s))]
+        )
 
     def ranking(self) -> list[dict[str, Any]]:
         """Grid models, best first by their best validation R-D loss (Tiny-ImageNet val, the
@@ -283,9 +286,10 @@ class Study:
     def final_specs(self) -> list[str]:
         if self.a.final:
             return self.a.final
-        if self.a.dry_run and not self.ranking():
+        rows = self.ranking()
+        if self.a.dry_run and not rows:
             return ["<best grid model 1>", "<best grid model 2>"][: self.a.best]
-        return [r["spec"] for r in self.ranking()[: self.a.best]]
+        return [r["spec"] for r in rows[: self.a.best]]
 
     def final_dir(self, spec: str) -> Path:
         return self.a.runs / "final" / (label(spec) if spec.startswith("eff-lic:") else spec)
