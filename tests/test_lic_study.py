@@ -106,3 +106,50 @@ def test_ranking_reads_each_models_own_evaluation_and_the_archived_log(tmp_path)
     assert [r["label"] for r in rows] == ["convnext-hyperprior", "resnet-hyperprior"]
     assert rows[1]["val_loss"] == 2.5 and abs(rows[1]["saving_vs_jpeg_pct"] + 20) < 1e-9
     assert rows[0]["saving_vs_jpeg_pct"] != rows[0]["saving_vs_jpeg_pct"]  # NaN: no JPEG there
+
+
+def test_final_trains_then_evaluates_each_model_and_reports_its_bd_rates(tmp_path, capsys):
+    _, study = _study(tmp_path)
+    spec = "eff-lic:transform=resnet,context=hyperprior,N=96,M=192"
+    study.a.final, study.a.jobs, study.a.threads = [spec], 2, 1
+    study.final()
+    printed = capsys.readouterr().out
+    runs = tmp_path / "runs" / "final" / "resnet-hyperprior"
+    lams = study.a.final_lambdas
+    # one training per λ, then the evaluation of all four checkpoints, in that order
+    outs = [printed.index(f"--out {runs / f'lambda-{lm:g}'} ") for lm in lams]
+    ev = printed.index("final-eval: Kodak R-D of resnet-hyperprior")
+    assert max(outs) < ev and "--threads 2 --no-progress" in printed[ev:]
+    # three λ finished and archived, one killed: only that one trains again
+    for lm in lams[:3]:
+        _log(runs / f"lambda-{lm:g}", True, [3.0])
+    study.a.dry_run = False
+    study.archive()
+    study.a.dry_run = True
+    assert [c[0][c[0].index("--lambda") + 1] for c in study._final_trains(spec, False)] == [
+        f"{lams[3]:g}"
+    ]
+    # its evaluation on disk: the report reads its BD-rates and draws the Pareto plot
+    f = study.final_result(spec)
+    f.parent.mkdir(parents=True)
+    pts = [
+        {"bpp": b, "psnr": q, "params": 10, "enc_kmacs_px": 4.0, "dec_kmacs_px": 5.0}
+        for b, q in [(0.2, 27.0), (0.4, 29.5), (0.7, 32.0), (1.1, 34.0)]
+    ]
+    bd = [
+        {"curve": "resnet-hyperprior", "anchor": "JPEG", "metric": "psnr", "bd_rate_pct": -30.0,
+         "psnr_range": [27.0, 34.0]},
+        {"curve": "resnet-hyperprior", "anchor": "WebP", "metric": "psnr", "bd_rate_pct": 5.0},
+        {"curve": "WebP", "anchor": "JPEG", "metric": "psnr", "bd_rate_pct": -25.0},
+    ]  # fmt: skip
+    f.write_text(
+        json.dumps({"curves": [{"label": "resnet-hyperprior", "points": pts}], "bd_rate": bd})
+    )
+    (row,) = study.final_rows()
+    assert row["bd_vs_JPEG"] == -30.0 and row["bd_vs_WebP"] == 5.0 and row["dec_kmacs_px"] == 5.0
+    assert row["psnr"] == [27.0, 34.0] and row["range_vs_WebP"] is None
+    study.a.dry_run = False
+    study.report()
+    readme = (tmp_path / "res" / "README.md").read_text()
+    assert "| -30.0 % | 27.00-34.00 dB | 5.0 % | n/a |" in readme
+    assert (tmp_path / "res" / "final_pareto.png").stat().st_size > 1000

@@ -13,16 +13,19 @@ continues an interrupted study:
    pixel, latency) into ``RESULTS/grid/<model>/``; JPEG once into ``RESULTS/grid/JPEG/``.
 2. ``grid-eval``: whatever ``grid`` left unevaluated. Each model's rate saving against
    JPEG at its PSNR; the grid is ranked by validation loss (Kodak never chooses).
-3. ``final``: the ``--best`` models (or ``--final SPEC ...``) at the four final λ, one
-   command each (``--final-minutes`` per λ).
+3. ``final``: the ``--best`` models (or ``--final SPEC ...``), one after the other: the
+   four final λ (``--final-minutes`` each, one command per λ), then at once, while the
+   weights exist, the model's Kodak R-D curve beside JPEG, WebP, AVIF and the published
+   anchors into ``RESULTS/final/<model>/`` (BD-rates against JPEG and WebP, R-D plot,
+   complexity). A session may finish one model; the same command goes on with the next.
+4. ``final-eval``: whatever ``final`` left unevaluated.
+5. ``report``: ``RESULTS/README.md``: grid table, final BD table, the Pareto plot of the
+   final models' BD-rate against decoder kMACs/pixel, training curves, the commands as run.
 
 ``--jobs N`` runs N trainings at once (grid models, or one λ each in the final phase),
 each with ``--threads`` threads: ``--jobs 2 --threads 1`` keeps both cores of a 2-core
-machine busy with two single-thread trainings.
-4. ``final-eval``: Kodak R-D of the final curves against JPEG, WebP, AVIF and the published
-   anchors: BD-rates, R-D plot and the Pareto plot of BD-rate against decoder kMACs/pixel
-   (the evaluation wing, ``clbench codec eval``).
-5. ``report``: ``RESULTS/README.md``: grid table, training curves, the commands as run.
+machine busy with two single-thread trainings; an evaluation that runs alone gets
+``N x --threads``.
 
 Runs go to ``--runs`` (weights stay there: 18-46 MB each, never committed), results to
 ``--results``. Each finished training's ``train_log.json`` (which says it finished, and its
@@ -115,9 +118,6 @@ class Study:
         self._lock = threading.Lock()
 
     # -- running commands ---------------------------------------------------------------
-    def run(self, args: list[str], why: str) -> None:
-        self.run_all([(args, why)])
-
     def run_all(self, jobs: list[Cmd | list[Cmd]]) -> None:
         """Run jobs, ``--jobs`` at a time; a job is one ``clbench`` command or a list run in
         order (a training, then its evaluation, while its weights exist). Stops after them
@@ -151,9 +151,6 @@ class Study:
             return f"this command failed (exit {res.returncode}); fix it and rerun: {text}"
         return None
 
-    def train(self, spec: str, lambdas: list[float], minutes: float, out: Path, why: str) -> None:
-        self.run(*self.train_cmd(spec, lambdas, minutes, out, why))
-
     def train_cmd(
         self, spec: str, lambdas: list[float], minutes: float, out: Path, why: str
     ) -> tuple[list[str], str]:
@@ -166,10 +163,9 @@ class Study:
             args += _flag(k, v).split()
         return args, why
 
-    def evaluate(self, name: str, curves: dict[str, Any], anchors: list[str], why: str) -> None:
-        self.run(*self.eval_cmd(name, curves, anchors, why))
-
-    def eval_cmd(self, name: str, curves: dict[str, Any], anchors: list[str], why: str) -> Cmd:
+    def eval_cmd(
+        self, name: str, curves: dict[str, Any], anchors: list[str], why: str, threads: int = 0
+    ) -> Cmd:
         """Write the benchmark YAML beside its results; the ``clbench codec eval`` command."""
         a = self.a
         bench = {
@@ -194,7 +190,7 @@ class Study:
             "--out",
             str(a.results / name),
         ]
-        args += ["--threads", str(a.threads), "--no-progress"]
+        args += ["--threads", str(threads or a.threads), "--no-progress"]
         args += ["--limit", str(a.limit)] if a.limit else []
         return args, why
 
@@ -292,7 +288,7 @@ class Study:
         return [r["spec"] for r in rows[: self.a.best]]
 
     def final_dir(self, spec: str) -> Path:
-        return self.a.runs / "final" / (label(spec) if spec.startswith("eff-lic:") else spec)
+        return self.a.runs / "final" / _name(spec)
 
     def final_ckpts(self, spec: str) -> list[Path]:
         lams = self.a.final_lambdas
@@ -304,39 +300,81 @@ class Study:
         )
 
     def final(self) -> None:
-        a = self.a
-        cmds = []
+        """Each final model in turn: its λ trainings (``--jobs`` at once), then at once its
+        Kodak R-D evaluation into ``RESULTS/final/<model>/`` while its weights exist. A
+        session that ends keeps every finished model's figures (weights are not kept); the
+        same command then goes on with the next model."""
         for spec in self.final_specs():
-            d, lams = self.final_dir(spec), a.final_lambdas
-            outs = [d / f"lambda-{lm:g}" for lm in lams] if len(lams) > 1 else [d]
-            if all(self._finished(o) for o in outs):
-                continue
-            if a.jobs > 1 and len(lams) > 1:  # one command per λ, in the folders one would make
-                for lm, out in zip(lams, outs, strict=True):
-                    why = f"final: {spec} at lambda {lm:g}, {a.final_minutes:g} min"
-                    if not self._finished(out):
-                        cmds.append(self.train_cmd(spec, [lm], a.final_minutes, out, why))
-            else:
-                why = f"final: {spec} at {len(lams)} lambdas, {a.final_minutes:g} min each"
-                cmds.append(self.train_cmd(spec, lams, a.final_minutes, d, why))
-        self.run_all(cmds)
-        self.archive()
+            evals = self._final_eval(spec)
+            # finished runs whose weights went with an earlier session, unevaluated: again
+            redo = bool(evals) and not all(c.is_file() for c in self.final_ckpts(spec))
+            self.run_all(self._final_trains(spec, redo))
+            self.archive()
+            self.run_all(evals)
+
+    def _final_trains(self, spec: str, redo: bool) -> list[Cmd]:
+        a = self.a
+        d, lams = self.final_dir(spec), a.final_lambdas
+        outs = [d / f"lambda-{lm:g}" for lm in lams] if len(lams) > 1 else [d]
+        todo = [
+            (lm, out)
+            for lm, out, ckpt in zip(lams, outs, self.final_ckpts(spec), strict=True)
+            if not self._finished(out) or (redo and not ckpt.is_file())
+        ]
+        if not todo:
+            return []
+        if a.jobs > 1 and len(lams) > 1:  # one command per λ, in the folders one would make
+            why = f"final: {spec} at lambda {{:g}}, {a.final_minutes:g} min"
+            return [
+                self.train_cmd(spec, [lm], a.final_minutes, out, why.format(lm)) for lm, out in todo
+            ]
+        why = f"final: {spec} at {len(lams)} lambdas, {a.final_minutes:g} min each"
+        return [self.train_cmd(spec, lams, a.final_minutes, d, why)]
+
+    def final_result(self, spec: str) -> Path:
+        return self.a.results / "final" / _name(spec) / "results.json"
+
+    def _final_eval(self, spec: str) -> list[Cmd]:
+        """A final model's Kodak R-D curve beside JPEG, WebP, AVIF and the published
+        anchors (BD-rates against JPEG and WebP, R-D and Pareto plots), unless on disk
+        and newer than its weights. Alone on the machine: all ``--jobs x --threads``."""
+        ckpts = self.final_ckpts(spec)
+        if self._fresh(self.final_result(spec), ckpts):
+            return []
+        arch_name = spec.partition(":")[0]
+        curves: dict[str, Any] = {_name(spec): [f"{arch_name}:checkpoint={c}" for c in ckpts]}
+        curves.update(self.a.classic)
+        why = f"final-eval: Kodak R-D of {_name(spec)}, BD-rates vs JPEG and WebP"
+        threads = max(1, self.a.jobs) * self.a.threads
+        return [self.eval_cmd(f"final/{_name(spec)}", curves, ["JPEG", "WebP"], why, threads)]
 
     def final_eval(self) -> None:
-        out = self.a.results / "final"
-        specs = self.final_specs()
-        ckpts = [c for s in specs for c in self.final_ckpts(s)]
-        if self._fresh(out / "results.json", ckpts):
-            print(f"\n# final-eval: {out} is up to date")
-            return
-        curves: dict[str, Any] = {
-            label(s) if s.startswith("eff-lic:") else s: [
-                f"{s.partition(':')[0]}:checkpoint={c}" for c in self.final_ckpts(s)
-            ]
-            for s in specs
-        }
-        curves.update(self.a.classic)
-        self.evaluate("final", curves, ["JPEG", "WebP"], "final-eval: Kodak R-D, BD-rates, Pareto")
+        """What ``final`` left unevaluated (its weights must still be here)."""
+        self.run_all([c for s in self.final_specs() for c in self._final_eval(s)])
+
+    def final_rows(self) -> list[dict[str, Any]]:
+        """One row per evaluated final model: its BD-rates (PSNR) against JPEG and WebP,
+        the PSNR range they cover, and its complexity (the mean over its λ)."""
+        rows = []
+        for spec in self.final_specs():
+            f = self.final_result(spec)
+            if not f.is_file():
+                continue
+            res = json.loads(f.read_text())
+            name = _name(spec)
+            pts = next(c["points"] for c in res["curves"] if c["label"] == name)
+            row: dict[str, Any] = {"label": name, "points": len(pts)}
+            for k in ("params", "enc_kmacs_px", "dec_kmacs_px", "enc_latency_ms", "dec_latency_ms"):
+                vals = [p[k] for p in pts if p.get(k) is not None]
+                row[k] = float(np.mean(vals)) if vals else None
+            row["bpp"] = [min(p["bpp"] for p in pts), max(p["bpp"] for p in pts)]
+            row["psnr"] = [min(p["psnr"] for p in pts), max(p["psnr"] for p in pts)]
+            for r in res["bd_rate"]:
+                if r["curve"] == name and r["metric"] == "psnr":
+                    row[f"bd_vs_{r['anchor']}"] = r["bd_rate_pct"]
+                    row[f"range_vs_{r['anchor']}"] = r.get("psnr_range")
+            rows.append(row)
+        return rows
 
     def report(self) -> None:
         from clbench.atomic import write_bytes_atomic, write_text_atomic
@@ -392,15 +430,47 @@ class Study:
                 )
                 write_bytes_atomic(a.results / "grid_pareto.png", png)
                 lines += ["![grid Pareto](grid_pareto.png)", ""]
-        if (a.results / "final" / "results.json").is_file():
+        finals = self.final_rows()
+        if finals:
+            lams = ", ".join(f"{x:g}" for x in a.final_lambdas)
             lines += [
-                f"## Final: {', '.join(self.final_specs())} at lambda {', '.join(f'{x:g}' for x in a.final_lambdas)}",
+                f"## Final: the best {len(finals)} at lambda {lams}, {a.final_minutes:g} min each",
                 "",
-                f"{a.final_minutes:g} training minutes per lambda. BD-rates (against JPEG and WebP), the R-D",
-                "plot with the published anchors, and the Pareto plot of BD-rate against decoder",
-                "kMACs/pixel: [final/report.md](final/report.md).",
+                "BD-rate on PSNR-RGB (akima, CompressAI's convention) of each model's 4-point",
+                "Kodak curve against JPEG and WebP, over the PSNR range both cover (negative: fewer",
+                "bits). Complexity: the mean over the model's λ. Each model's full report (R-D plot",
+                "with AVIF and the published anchors, BD table, per-image CSV):",
+                "`final/<model>/report.md`.",
                 "",
+                "| model | params | enc kMACs/px | dec kMACs/px | dec ms (Kodak) | bpp | PSNR dB | BD-rate vs JPEG | PSNR range | BD-rate vs WebP | PSNR range |",
+                "|---|---:|---:|---:|---:|---|---|---:|---|---:|---|",
             ]
+            for r in finals:
+                rng = [r.get(f"range_vs_{x}") for x in ("JPEG", "WebP")]
+                rng_s = [f"{g[0]:.2f}-{g[1]:.2f} dB" if g else "n/a" for g in rng]
+                lines.append(
+                    f"| [{r['label']}](final/{r['label']}/report.md) | {_f(r['params'], 0)} | "
+                    f"{_f(r['enc_kmacs_px'], 1)} | {_f(r['dec_kmacs_px'], 1)} | "
+                    f"{_f(r['dec_latency_ms'], 0)} | {r['bpp'][0]:.3f}-{r['bpp'][1]:.3f} | "
+                    f"{r['psnr'][0]:.2f}-{r['psnr'][1]:.2f} | {_f(r.get('bd_vs_JPEG'), 1, ' %')} | "
+                    f"{rng_s[0]} | {_f(r.get('bd_vs_WebP'), 1, ' %')} | {rng_s[1]} |"
+                )
+            lines.append("")
+            pareto = {
+                r["label"]: (r["dec_kmacs_px"], r["bd_vs_JPEG"])
+                for r in finals
+                if r["dec_kmacs_px"] and math.isfinite(r.get("bd_vs_JPEG", math.nan))
+            }
+            if pareto and not a.dry_run:
+                png = scatter_png(
+                    pareto,
+                    xlabel="decoder kMACs / pixel",
+                    ylabel="BD-rate vs JPEG on Kodak (%)",
+                    title="Final models: R-D against decoder complexity",
+                    logx=True,
+                )
+                write_bytes_atomic(a.results / "final_pareto.png", png)
+                lines += ["![final Pareto](final_pareto.png)", ""]
         curves: dict[str, tuple[list[float], list[float]]] = {}
         logs = a.results / "logs"
         run_dirs = {a.runs / f.parent.relative_to(logs) for f in logs.rglob("train_log.json")}
@@ -474,6 +544,11 @@ class Study:
             elif not self._finished(p.parent):
                 return False
         return True
+
+
+def _name(spec: str) -> str:
+    """A final model's folder and curve name: its grid label, else the spec itself."""
+    return label(spec) if spec.startswith("eff-lic:") else spec
 
 
 def _flag(key: str, value: Any) -> str:
