@@ -152,4 +152,5 @@ def test_final_trains_then_evaluates_each_model_and_reports_its_bd_rates(tmp_pat
     study.report()
     readme = (tmp_path / "res" / "README.md").read_text()
     assert "| -30.0 % | 27.00-34.00 dB | 5.0 % | n/a |" in readme
+    assert "against JPEG: WebP -25.0 %." in readme
     assert (tmp_path / "res" / "final_pareto.png").stat().st_size > 1000

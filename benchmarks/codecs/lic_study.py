@@ -369,16 +369,21 @@ class Study:
                 row[k] = float(np.mean(vals)) if vals else None
             row["bpp"] = [min(p["bpp"] for p in pts), max(p["bpp"] for p in pts)]
             row["psnr"] = [min(p["psnr"] for p in pts), max(p["psnr"] for p in pts)]
+            row["classic_bd"] = []  # the other codecs against JPEG, for scale
             for r in res["bd_rate"]:
-                if r["curve"] == name and r["metric"] == "psnr":
+                if r["metric"] != "psnr":
+                    continue
+                if r["curve"] == name:
                     row[f"bd_vs_{r['anchor']}"] = r["bd_rate_pct"]
                     row[f"range_vs_{r['anchor']}"] = r.get("psnr_range")
+                elif r["anchor"] == "JPEG":
+                    row["classic_bd"].append(r)
             rows.append(row)
         return rows
 
     def report(self) -> None:
         from clbench.atomic import write_bytes_atomic, write_text_atomic
-        from clbench.plots import curves_png, scatter_png
+        from clbench.plots import curves_png
 
         a = self.a
         self.archive()
@@ -415,21 +420,13 @@ class Study:
                     f"{_f(r['saving_vs_jpeg_pct'], 1, ' %')} |"
                 )
             lines.append("")
-            pareto = {
-                r["label"]: (r["dec_kmacs_px"], r["saving_vs_jpeg_pct"])
-                for r in rows
-                if r["dec_kmacs_px"] and math.isfinite(r["saving_vs_jpeg_pct"])
-            }
-            if pareto and not a.dry_run:
-                png = scatter_png(
-                    pareto,
-                    xlabel="decoder kMACs / pixel",
-                    ylabel="rate saving vs JPEG at equal PSNR (%)",
-                    title=f"Grid: R-D against decoder complexity (lambda {a.grid_lambda:g})",
-                    logx=True,
-                )
-                write_bytes_atomic(a.results / "grid_pareto.png", png)
-                lines += ["![grid Pareto](grid_pareto.png)", ""]
+            lines += self._pareto(
+                rows,
+                "saving_vs_jpeg_pct",
+                "grid_pareto.png",
+                ylabel="rate saving vs JPEG at equal PSNR (%)",
+                title=f"Grid: R-D against decoder complexity (lambda {a.grid_lambda:g})",
+            )
         finals = self.final_rows()
         if finals:
             lams = ", ".join(f"{x:g}" for x in a.final_lambdas)
@@ -455,22 +452,19 @@ class Study:
                     f"{r['psnr'][0]:.2f}-{r['psnr'][1]:.2f} | {_f(r.get('bd_vs_JPEG'), 1, ' %')} | "
                     f"{rng_s[0]} | {_f(r.get('bd_vs_WebP'), 1, ' %')} | {rng_s[1]} |"
                 )
-            lines.append("")
-            pareto = {
-                r["label"]: (r["dec_kmacs_px"], r["bd_vs_JPEG"])
-                for r in finals
-                if r["dec_kmacs_px"] and math.isfinite(r.get("bd_vs_JPEG", math.nan))
-            }
-            if pareto and not a.dry_run:
-                png = scatter_png(
-                    pareto,
-                    xlabel="decoder kMACs / pixel",
-                    ylabel="BD-rate vs JPEG on Kodak (%)",
-                    title="Final models: R-D against decoder complexity",
-                    logx=True,
-                )
-                write_bytes_atomic(a.results / "final_pareto.png", png)
-                lines += ["![final Pareto](final_pareto.png)", ""]
+            ref = [f"{r['curve']} {_f(r['bd_rate_pct'], 1, ' %')}" for r in finals[0]["classic_bd"]]
+            lines += (
+                ["", f"In the same evaluation, against JPEG: {', '.join(ref)}.", ""]
+                if ref
+                else [""]
+            )
+            lines += self._pareto(
+                finals,
+                "bd_vs_JPEG",
+                "final_pareto.png",
+                ylabel="BD-rate vs JPEG on Kodak (%)",
+                title="Final models: R-D against decoder complexity",
+            )
         curves: dict[str, tuple[list[float], list[float]]] = {}
         logs = a.results / "logs"
         run_dirs = {a.runs / f.parent.relative_to(logs) for f in logs.rglob("train_log.json")}
@@ -494,6 +488,26 @@ class Study:
             return
         write_text_atomic(a.results / "README.md", "\n".join(lines))
         print(f"\n# report: {a.results / 'README.md'}")
+
+    def _pareto(
+        self, rows: list[dict[str, Any]], key: str, png: str, *, ylabel: str, title: str
+    ) -> list[str]:
+        """Rows' ``key`` against decoder kMACs/pixel as ``RESULTS/png``; its Markdown."""
+        from clbench.atomic import write_bytes_atomic
+        from clbench.plots import scatter_png
+
+        pts = {
+            r["label"]: (r["dec_kmacs_px"], r[key])
+            for r in rows
+            if r["dec_kmacs_px"] and math.isfinite(r.get(key, math.nan))
+        }
+        if not pts or self.a.dry_run:
+            return []
+        img = scatter_png(
+            pts, xlabel="decoder kMACs / pixel", ylabel=ylabel, title=title, logx=True
+        )
+        write_bytes_atomic(self.a.results / png, img)
+        return [f"![{title}]({png})", ""]
 
     # -- helpers ------------------------------------------------------------------------
     def archive(self) -> None:
