@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format perf
+.PHONY: install demo test lint format
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

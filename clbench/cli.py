@@ -1,4 +1,4 @@
-"""``clbench`` command line: run, leaderboard, list, codec, pretrain.
+"""``clbench`` command line: run, list, leaderboard, codec, pretrain, sweep, reproduce.
 
 User errors (:class:`clbench.errors.ClbenchError`) print one line and exit with status 2;
 nothing half-written is left behind because every output is written atomically.

@@ -1,8 +1,9 @@
 """Precision from the machine: which autocast dtype ``train.amp: auto`` means here.
 
 bf16 autocast pays only where the hardware multiplies bf16 matrices natively. On CPUs with
-AVX512-BF16 or AMX it did: bf16 matrix products ran about 4.7x faster than fp32; on AVX2-only
-CPUs bf16 ran 7-30x slower, because oneDNN then emulates it (both in
+AVX512-BF16 or AMX it did: a 2048² bf16 matrix product ran 3.4x faster than fp32; on an
+AVX2-only CPU it ran about 500x slower and a training step 23-32x slower, because oneDNN then
+emulates bf16 (both in
 ``results/perf/amp_cpu.json``, from ``benchmarks/perf/amp_cpu.py``). So the choice is read
 from the CPU's capabilities, never kept as a constant.
 

@@ -144,11 +144,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_codec_commands(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``codec`` (with list / info / eval / train) to a top-level sub-parsers object."""
+    """Add ``codec`` (list / info / eval / bd / train / export / train-video / icm-train) to a
+    top-level sub-parsers object."""
     codec = subparsers.add_parser(
         "codec", help="codec zoo: list, inspect, evaluate and train codecs"
     )
-    sub = codec.add_subparsers(dest="codec_command", metavar="{list,info,eval,train,export}")
+    sub = codec.add_subparsers(
+        dest="codec_command", metavar="{list,info,eval,bd,train,export,train-video,icm-train}"
+    )
     sub.required = True
     from clbench.codecs.video_train import add_train_video_parser  # issue 17: video codec
 
