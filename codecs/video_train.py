@@ -270,16 +270,30 @@ def _train_video(
         rec["loss"] = total / len(val_lmbdas)
         return rec
 
+    def write_log(complete: bool) -> None:
+        """The log says whether the run finished and its best validation loss, so a driver
+        can skip a finished run from the log alone (its weights may be gone)."""
+        best_val = state["best_val"] if math.isfinite(state["best_val"]) else None
+        doc = {"config": asdict(cfg), "complete": complete, "best_val": best_val}
+        write_json(out / "train_log.json", {**doc, "history": state["history"]})
+
     def log_validation() -> dict[str, Any]:
         rec = validate()
         state["history"].append(rec)
-        write_json(out / "train_log.json", {"config": asdict(cfg), "history": state["history"]})
         if rec.get("loss", math.inf) < state["best_val"]:
             state["best_val"] = rec["loss"]
             save(best, full=False)
+        write_log(complete=False)
         return rec
 
     budget = cfg.minutes * 60 if cfg.minutes is not None else math.inf
+
+    def done() -> bool:
+        return (cfg.steps is not None and state["step"] >= cfg.steps) or state["elapsed"] >= budget
+
+    if done():  # resuming a finished run: nothing to train (a log from before logs said so)
+        write_log(complete=True)
+        return state["history"][-1] if state["history"] else validate()
     model.train()
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="train dhvc", disable=not progress)
     ema: dict[str, float] = {}
@@ -314,7 +328,7 @@ def _train_video(
         bar.update(1)
         bar.set_postfix(loss=f"{ema['loss']:.3f}", bpp=f"{ema['bpp']:.3f}")
         step = state["step"]
-        if (cfg.steps is not None and step >= cfg.steps) or state["elapsed"] >= budget:
+        if done():
             break
         if step % cfg.val_every == 0:
             bar.write(f"step {step}: {log_validation()}")
@@ -325,6 +339,7 @@ def _train_video(
     save(last, full=True)
     if not best.is_file():
         save(best, full=False)
+    write_log(complete=True)
     return rec
 
 

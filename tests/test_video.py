@@ -357,6 +357,11 @@ def test_training_resumes_exactly_and_makes_a_codec(tmp_path, files, clip):
     b = torch.load(tmp_path / "b" / "last.pth", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rec["step"] == 4 and "q0" in rec
+    log = json.loads((tmp_path / "b" / "train_log.json").read_text())
+    assert log["complete"] and log["best_val"] == min(r["loss"] for r in log["history"])
+    again = _train(tmp_path, files, 4, tmp_path / "b", resume=True)  # finished: a no-op
+    c2 = torch.load(tmp_path / "b" / "last.pth", weights_only=True)["state_dict"]
+    assert again == rec and all(torch.equal(a[k], c2[k]) for k in a)
     c = get_codec(f"dhvc:checkpoint={tmp_path / 'b' / 'best.pth'},q=1,gop=4")
     data = c.encode(clip[:3])
     assert c.decode_video(data).shape == (3, 32, 32, 3)
