@@ -354,14 +354,12 @@ class Study:
 
     def final_rows(self) -> list[dict[str, Any]]:
         """One row per evaluated final model: its BD-rates (PSNR) against JPEG and WebP,
-        the PSNR range they cover, and its complexity (the mean over its λ)."""
+        the PSNR range they cover, and its complexity (the mean over its λ). Every model
+        evaluated so far counts, whichever session (or ``--final``) made it."""
         rows = []
-        for spec in self.final_specs():
-            f = self.final_result(spec)
-            if not f.is_file():
-                continue
+        for f in sorted((self.a.results / "final").glob("*/results.json")):
             res = json.loads(f.read_text())
-            name = _name(spec)
+            name = f.parent.name
             pts = next(c["points"] for c in res["curves"] if c["label"] == name)
             row: dict[str, Any] = {"label": name, "points": len(pts)}
             for k in ("params", "enc_kmacs_px", "dec_kmacs_px", "enc_latency_ms", "dec_latency_ms"):
