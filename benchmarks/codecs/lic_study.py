@@ -315,11 +315,10 @@ class Study:
     def _final_trains(self, spec: str, redo: bool) -> list[Cmd]:
         a = self.a
         d, lams = self.final_dir(spec), a.final_lambdas
-        outs = [d / f"lambda-{lm:g}" for lm in lams] if len(lams) > 1 else [d]
-        todo = [
-            (lm, out)
-            for lm, out, ckpt in zip(lams, outs, self.final_ckpts(spec), strict=True)
-            if not self._finished(out) or (redo and not ckpt.is_file())
+        todo = [  # each λ's run folder is its checkpoint's (final_ckpts has the layout)
+            (lm, ckpt.parent)
+            for lm, ckpt in zip(lams, self.final_ckpts(spec), strict=True)
+            if not self._finished(ckpt.parent) or (redo and not ckpt.is_file())
         ]
         if not todo:
             return []
