@@ -213,6 +213,12 @@ def add_codec_commands(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N images (quick checks)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the curves --out already holds with the same label and specs (same items "
+        "and metrics) instead of re-coding them: add a curve to a finished evaluation",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(

@@ -299,3 +299,47 @@ def test_bd_re_anchors_a_finished_evaluation_without_recoding(tmp_path, capsys):
     assert "anchor 'AVIF' is not a curve; curves: JPEG, WebP" in err and "\n" not in err
     assert main(["bd", str(tmp_path / "nowhere"), "--anchor", "JPEG"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_reuse_adds_a_curve_to_a_finished_evaluation_without_recoding_the_others(
+    tmp_path, capsys, monkeypatch
+):
+    write_pngs(tmp_path / "imgs", [(32, 32), (24, 40)])
+    out = tmp_path / "o"
+    args = ["eval", "--images", str(tmp_path / "imgs"), "--no-progress", "--out", str(out)]
+    args += ["--no-complexity", "--anchor", "JPEG"]
+    jpeg = ["--codec", "JPEG=jpeg:q=[10,30,60,90]"]
+    assert main([*args, *jpeg]) == 0
+    first = json.loads((out / "results.json").read_text())
+    # The kept curve's codec is never built again (its weights could be gone).
+    import clbench.codecs.evaluation.evaluate as ev
+
+    real = ev.get_codec
+
+    def no_jpeg(spec):
+        assert not spec.startswith("jpeg"), spec
+        return real(spec)
+
+    monkeypatch.setattr(ev, "get_codec", no_jpeg)
+    assert main([*args, *jpeg, "--codec", "WebP=webp:q=[10,30,60,90]", "--reuse"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["curves"][0] == first["curves"][0]
+    assert res["reused"]["JPEG"]["time_utc"] == first["time_utc"]
+    assert [r["curve"] for r in res["bd_rate"]] == ["WebP"]
+    with (out / "per_image.csv").open() as f:
+        assert sorted(r["curve"] for r in csv.DictReader(f)) == ["JPEG"] * 8 + ["WebP"] * 8
+    assert "kept from an earlier run with `--reuse`" in (out / "report.md").read_text()
+    # A changed curve is measured again; other items or metrics are refused in one line.
+    capsys.readouterr()
+    monkeypatch.setattr(ev, "get_codec", real)
+    assert main([*args, "--codec", "JPEG=jpeg:q=[20,40]", "--reuse", "--limit", "1"]) == 0
+    assert json.loads((out / "results.json").read_text())["reused"] == {}
+    capsys.readouterr()
+    assert main([*args, *jpeg, "--reuse", "--metric", "psnr"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--reuse:" in err and "measures ['psnr']" in err and "\n" not in err
+    assert main([*args, "--codec", "JPEG=jpeg:q=[20,40]", "--reuse"]) == 2
+    assert "was measured on other items" in capsys.readouterr().err
+    with_cx = [a for a in args if a != "--no-complexity"]
+    assert main([*with_cx, "--codec", "JPEG=jpeg:q=[20,40]", "--reuse", "--limit", "1"]) == 2
+    assert "measured without complexity; add --no-complexity" in capsys.readouterr().err

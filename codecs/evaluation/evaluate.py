@@ -6,6 +6,10 @@ in seconds with one line and nothing written. Outputs (written together, atomica
 
     per_image.csv  summary.csv  results.json  rd.png  report.md  report.html
     per_frame.csv (clips)  rd_<metric>.png (further BD metrics)  pareto.png (learned codecs)
+
+With ``reuse``, curves already measured in ``out`` (same label, same specs, same items and
+metrics) keep their saved points and per-item rows instead of being re-coded: a curve joins
+a finished evaluation whose other codecs' weights are gone or slow to run again.
 """
 
 from __future__ import annotations
@@ -145,6 +149,64 @@ def rebd(
     return rows, md
 
 
+def _read_csv(path: Path, labels: set[str]) -> list[dict[str, Any]]:
+    import csv
+
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [r for r in csv.DictReader(f) if r["curve"] in labels]
+
+
+def _saved(out: Path, bench: Benchmark, columns: list[Column]) -> dict[str, Any]:
+    """The curves of the evaluation saved in ``out`` that ``bench`` would measure again
+    unchanged (label and specs equal), with what has to match before they can be kept."""
+    import json
+
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+        saved = {c["label"]: c["points"] for c in doc["curves"]}
+        files, folder = doc["images"]["files"], doc["images"]["folder"]
+        metrics = doc["metrics"]
+        # What identifies the run that measured a kept curve once results.json is rewritten
+        # (a curve kept twice keeps its first origin).
+        here = {k: doc.get(k) for k in ("time_utc", "command")}
+        here["environment"] = (doc.get("environment") or {}).get("summary")
+        origins = doc.get("reused") or {}
+        setup = doc.get("complexity")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ClbenchError(
+            f"--reuse: {path} is not a results.json of `clbench codec eval` ({type(e).__name__}: {e}); "
+            "drop --reuse or choose another --out"
+        ) from None
+    if metrics != [c.key for c in columns]:
+        raise ClbenchError(
+            f"--reuse: {path} measured {metrics}, this evaluation measures "
+            f"{[c.key for c in columns]}; drop --reuse or choose another --out"
+        )
+    if bench.complexity.enabled != (setup is not None):
+        raise ClbenchError(
+            f"--reuse: {path} was measured {'without' if setup is None else 'with'} complexity; "
+            f"{'add' if setup is None else 'drop'} --no-complexity or drop --reuse"
+        )
+    keep = {
+        c.label: saved[c.label]
+        for c in bench.curves
+        if c.label in saved and [p.get("spec") for p in saved[c.label]] == list(c.specs)
+    }
+    return {
+        "curves": keep,
+        "files": files,
+        "folder": folder,
+        "origins": {label: origins.get(label, here) for label in keep},
+        "path": path,
+        "complexity": setup,
+    }
+
+
 def run(
     bench: Benchmark,
     out: Path,
@@ -153,8 +215,10 @@ def run(
     limit: int | None = None,
     progress: bool = True,
     command: str = "",
+    reuse: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a benchmark and write its outputs to ``out``; returns the results dict."""
+    """Evaluate a benchmark and write its outputs to ``out``; returns the results dict.
+    ``reuse``: keep the curves ``out`` already holds unchanged (see the module docstring)."""
     where = f"benchmark {bench.name}"
     check(bench, where)
     labels = [c.label for c in bench.curves]
@@ -174,20 +238,35 @@ def run(
                 raise ClbenchError(
                     f"{where}: compare {key} {getattr(comp, key)!r} is not a curve; curves: {', '.join(by_label)}"
                 )
+    saved = _saved(Path(out), bench, columns) if reuse else {}
+    kept = saved.get("curves", {})
+    fresh = [c for c in bench.curves if c.label not in kept]
     # Every codec before any long work: a bad spec or missing weights fails at once.
-    codecs = {s: get_codec(s) for c in bench.curves for s in c.specs}
+    codecs = {s: get_codec(s) for c in fresh for s in c.specs}
     items = load_items(bench.source, bench.images, data_root, limit, bench.source_options)
+    if kept and (
+        saved["files"] != [it.name for it in items.items] or saved["folder"] != items.where
+    ):
+        raise ClbenchError(
+            f"--reuse: {saved['path']} was measured on other items ({saved['folder']}, "
+            f"{len(saved['files'])} items); drop --reuse or choose another --out"
+        )
     for m in metrics:
         m.prepare(items)
     reference = {k: v for m in metrics for k, v in m.reference(items).items()}
 
-    rows, frame_rows = measure(bench.curves, codecs, items, metrics, progress)
+    rows, frame_rows = measure(fresh, codecs, items, metrics, progress)
+    if kept:
+        for c in bench.curves:
+            c.points = kept.get(c.label, c.points)
+        rows += _read_csv(Path(out) / "per_image.csv", set(kept))
+        frame_rows += _read_csv(Path(out) / "per_frame.csv", set(kept))
 
-    setup = None
+    setup = saved.get("complexity") if kept else None
     cx = bench.complexity
     if cx.enabled:
         image, name = _latency_image(items, cx.latency_size)
-        for c in bench.curves:
+        for c in fresh:
             for spec, point in zip(c.specs, c.points, strict=True):
                 got = complexity(
                     codecs[spec],
@@ -235,6 +314,8 @@ def run(
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "reference": reference,
         "complexity": setup,
+        # Curves kept from an earlier run (--reuse): their timings are that run's.
+        "reused": saved.get("origins", {}),
     }
     results = {
         **meta,
@@ -312,7 +393,16 @@ def run_eval_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path("results") / "codecs" / bench.name
     command = _command("eval")
-    res = run(bench, out, args.data_root, args.anchors, args.limit, not args.no_progress, command)
+    res = run(
+        bench,
+        out,
+        args.data_root,
+        args.anchors,
+        args.limit,
+        not args.no_progress,
+        command,
+        reuse=args.reuse,
+    )
     key = res["metrics"][0]
     for c in res["curves"]:
         pts = ", ".join(f"{p['bpp']:.3f} bpp/{p[key]:.2f} {key}" for p in c["points"][:4])

@@ -212,6 +212,9 @@ def report_blocks(
             ],
         )
     )
+    if meta.get("reused"):
+        kept = ", ".join(f"{k} (measured {v['time_utc']})" for k, v in meta["reused"].items())
+        b[-1][1].append(f"kept from an earlier run with `--reuse` (timings are that run's): {kept}")
     shown = list(columns)
     b.append(("h2", "Mean over items per rate point"))
     header = ["curve", "spec", "bpp", "bpp payload", *(c.short for c in shown), "enc ms", "dec ms"]
