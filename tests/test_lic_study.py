@@ -145,12 +145,24 @@ def test_final_trains_then_evaluates_each_model_and_reports_its_bd_rates(tmp_pat
     f.write_text(
         json.dumps({"curves": [{"label": "resnet-hyperprior", "points": pts}], "bd_rate": bd})
     )
+    log = runs / f"lambda-{lams[0]:g}" / "train_log.json"
+    log.write_text(
+        json.dumps({**json.loads(log.read_text()), "provenance": {"cpu": {"model": "CPU-A"}}})
+    )
     (row,) = study.final_rows()
+    assert row["steps"] == [100, 100] and row["cpu"] == "CPU-A"  # minutes buy CPU-dependent steps
+    capsys.readouterr()
+    study.final()  # trained elsewhere: the next model's minutes are not comparable, said once
+    assert (
+        "final models trained on another CPU ({'resnet-hyperprior': 'CPU-A'})"
+        in capsys.readouterr().err
+    )
     assert row["bd_vs_JPEG"] == -30.0 and row["bd_vs_WebP"] == 5.0 and row["dec_kmacs_px"] == 5.0
     assert row["psnr"] == [27.0, 34.0] and row["range_vs_WebP"] is None
     study.a.dry_run = False
     study.report()
     readme = (tmp_path / "res" / "README.md").read_text()
     assert "| -30.0 % | 27.00-34.00 dB | 5.0 % | n/a |" in readme
+    assert "| 100 | CPU-A |" in readme
     assert "against JPEG: WebP -25.0 %." in readme
     assert (tmp_path / "res" / "final_pareto.png").stat().st_size > 1000

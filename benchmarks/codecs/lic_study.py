@@ -291,19 +291,29 @@ class Study:
         return self.a.runs / "final" / _name(spec)
 
     def final_ckpts(self, spec: str) -> list[Path]:
+        return [d / "best.pth" for d in self.final_run_dirs(_name(spec))]
+
+    def final_run_dirs(self, name: str) -> list[Path]:
+        """The run folders of final model ``name``, one per λ (the folder itself for one)."""
         lams = self.a.final_lambdas
-        d = self.final_dir(spec)
-        return (
-            [d / "best.pth"]
-            if len(lams) == 1
-            else [d / f"lambda-{lm:g}" / "best.pth" for lm in lams]
-        )
+        d = self.a.runs / "final" / name
+        return [d] if len(lams) == 1 else [d / f"lambda-{lm:g}" for lm in lams]
 
     def final(self) -> None:
         """Each final model in turn: its λ trainings (``--jobs`` at once), then at once its
         Kodak R-D evaluation into ``RESULTS/final/<model>/`` while its weights exist. A
         session that ends keeps every finished model's figures (weights are not kept); the
         same command then goes on with the next model."""
+        from clbench.provenance import cpu_info
+
+        here = cpu_info()["model"]
+        other = {r["label"]: r["cpu"] for r in self.final_rows() if r["cpu"] not in (here, None)}
+        if other:  # the budget is minutes: a faster CPU trains more steps
+            print(
+                f"warning: final models trained on another CPU ({other}), this one is {here!r}: "
+                "equal minutes are not equal steps, compare within one CPU",
+                file=sys.stderr,
+            )
         for spec in self.final_specs():
             evals = self._final_eval(spec)
             # finished runs whose weights went with an earlier session, unevaluated: again
@@ -364,6 +374,18 @@ class Study:
             for k in ("params", "enc_kmacs_px", "dec_kmacs_px", "enc_latency_ms", "dec_latency_ms"):
                 vals = [p[k] for p in pts if p.get(k) is not None]
                 row[k] = float(np.mean(vals)) if vals else None
+            # Steps per λ and the CPU they ran on (the budget is minutes): the training logs'
+            # own provenance, else the evaluation's (it runs in the training's job).
+            docs = [self._log_doc(d) for d in self.final_run_dirs(name)]
+            steps = [doc["history"][-1]["step"] for doc in docs if doc.get("history")]
+            row["steps"] = [min(steps), max(steps)] if steps else None
+            cpus = {(doc.get("provenance") or {}).get("cpu", {}).get("model") for doc in docs}
+            cpus.discard(None)
+            row["cpu"] = (
+                ", ".join(sorted(cpus))
+                if cpus
+                else res.get("environment", {}).get("cpu", {}).get("model")
+            )
             row["bpp"] = [min(p["bpp"] for p in pts), max(p["bpp"] for p in pts)]
             row["psnr"] = [min(p["psnr"] for p in pts), max(p["psnr"] for p in pts)]
             row["classic_bd"] = []  # the other codecs against JPEG, for scale
@@ -432,12 +454,13 @@ class Study:
                 "",
                 "BD-rate on PSNR-RGB (akima, CompressAI's convention) of each model's 4-point",
                 "Kodak curve against JPEG and WebP, over the PSNR range both cover (negative: fewer",
-                "bits). Complexity: the mean over the model's λ. Each model's full report (R-D plot",
-                "with AVIF and the published anchors, BD table, per-image CSV):",
+                "bits). Complexity: the mean over the model's λ. The budget is minutes, so the steps",
+                "it buys depend on the CPU: compare models trained on the same one. Each model's full",
+                "report (R-D plot with AVIF and the published anchors, BD table, per-image CSV):",
                 "`final/<model>/report.md`.",
                 "",
-                "| model | params | enc kMACs/px | dec kMACs/px | dec ms (Kodak) | bpp | PSNR dB | BD-rate vs JPEG | PSNR range | BD-rate vs WebP | PSNR range |",
-                "|---|---:|---:|---:|---:|---|---|---:|---|---:|---|",
+                "| model | params | enc kMACs/px | dec kMACs/px | dec ms (Kodak) | steps per λ | trained on | bpp | PSNR dB | BD-rate vs JPEG | PSNR range | BD-rate vs WebP | PSNR range |",
+                "|---|---:|---:|---:|---:|---|---|---|---|---:|---|---:|---|",
             ]
             for r in finals:
                 rng = [r.get(f"range_vs_{x}") for x in ("JPEG", "WebP")]
@@ -445,7 +468,8 @@ class Study:
                 lines.append(
                     f"| [{r['label']}](final/{r['label']}/report.md) | {_f(r['params'], 0)} | "
                     f"{_f(r['enc_kmacs_px'], 1)} | {_f(r['dec_kmacs_px'], 1)} | "
-                    f"{_f(r['dec_latency_ms'], 0)} | {r['bpp'][0]:.3f}-{r['bpp'][1]:.3f} | "
+                    f"{_f(r['dec_latency_ms'], 0)} | {_range(r['steps'])} | {r['cpu'] or '?'} | "
+                    f"{r['bpp'][0]:.3f}-{r['bpp'][1]:.3f} | "
                     f"{r['psnr'][0]:.2f}-{r['psnr'][1]:.2f} | {_f(r.get('bd_vs_JPEG'), 1, ' %')} | "
                     f"{rng_s[0]} | {_f(r.get('bd_vs_WebP'), 1, ' %')} | {rng_s[1]} |"
                 )
@@ -555,6 +579,12 @@ class Study:
             elif not self._finished(p.parent):
                 return False
         return True
+
+
+def _range(v: list[int] | None) -> str:
+    if not v:
+        return "?"
+    return f"{v[0]:,}" if v[0] == v[1] else f"{v[0]:,}-{v[1]:,}"
 
 
 def _name(spec: str) -> str:
