@@ -35,6 +35,7 @@ from clbench.atomic import torch_save_atomic, write_json_atomic
 from clbench.engine import Engine, Fit
 from clbench.errors import ConfigError
 from clbench.optim import Optim, Schedule
+from clbench.provenance import provenance
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 DEFAULT_KWARGS = {"img_size": 64, "patch_size": 16}
@@ -171,6 +172,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         "timm": timm.__version__,
         "command": "clbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "normalize": False,
+        "provenance": provenance("cpu"),  # git commit, CPU, packages
     }
     out = Path(args.out)
     torch_save_atomic({"state_dict": model.state_dict(), "meta": meta}, out)

@@ -4,7 +4,10 @@ clbench.records' single atomic-write primitive)."""
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,26 @@ def find_images(root: str | os.PathLike, what: str = "image folder") -> list[Pat
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     # allow_nan: a lossless codec's PSNR is inf, which eval results keep as written
     write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=True))
+
+
+def write_train_log(
+    out: str | os.PathLike,
+    cfg: Any,
+    history: list[dict[str, Any]],
+    complete: bool,
+    best_val: float | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> None:
+    """``OUT/train_log.json``, the small committable record of every codec training (the
+    weights are not committed): its config (a dataclass), whether it finished and its best
+    validation loss (a driver skips a finished run from the log alone, its weights may be
+    gone), where it ran (git commit, CPU, packages), then ``extra`` and the history."""
+    best = best_val if best_val is not None and math.isfinite(best_val) else None
+    doc = {"config": asdict(cfg), "complete": complete, "best_val": best, **extra}
+    if provenance is not None:
+        doc["provenance"] = dict(provenance)
+    write_json(Path(out) / "train_log.json", {**doc, "history": history})
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

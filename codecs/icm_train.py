@@ -223,7 +223,8 @@ def _train(
 ) -> dict[str, Any]:
     import torch
 
-    from clbench.atomic import torch_save_atomic, write_json_atomic
+    from clbench.atomic import torch_save_atomic
+    from clbench.codecs._io import write_train_log
     from clbench.codecs.task_model import ICM_CHECKPOINT_FORMAT, TaskModel, TaskModelSpec
     from clbench.datasets import load_dataset
 
@@ -305,6 +306,9 @@ def _train(
     # after every check, so that a refused run writes nothing
     stack.enter_context(training_lock(out, "codec icm-train"))
     out.mkdir(parents=True, exist_ok=True)
+    from clbench.provenance import provenance
+
+    prov = provenance("cpu", threads=torch.get_num_threads())  # git commit, CPU, packages
 
     n_val = min(cfg.val_images, len(test_set))
     val_idx = list(range(len(test_set) - n_val, len(test_set)))
@@ -326,7 +330,8 @@ def _train(
             "trainable_params": trainable,
             "train_flops_per_step": flops_step,
             "config": asdict(cfg),
-            "command": " ".join(sys.argv),
+            "command": prov["command"],
+            "provenance": prov,
             **method.meta(model),
             **{k: state[k] for k in ("step", "wall_s", "cpu_s", "history")},
         }
@@ -358,14 +363,17 @@ def _train(
             step=state["step"], wall_s=round(state["wall_s"], 1), cpu_s=round(state["cpu_s"], 1)
         )
         state["history"].append(rec)
-        write_json_atomic(
-            out / "train_log.json",
-            {
-                "config": asdict(cfg),
-                "options": method.options,
-                "trainable_params": trainable,
-                "history": state["history"],
-            },
+        done = (cfg.steps is not None and state["step"] >= cfg.steps) or (
+            cfg.minutes is not None and state["wall_s"] >= cfg.minutes * 60
+        )
+        write_train_log(
+            out,
+            cfg,
+            state["history"],
+            done,
+            provenance=prov,
+            options=method.options,
+            trainable_params=trainable,
         )
         return rec
 

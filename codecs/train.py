@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from clbench.atomic import torch_save_atomic
-from clbench.codecs._io import find_images, write_json
+from clbench.codecs._io import find_images, write_train_log
 from clbench.codecs.base import format_spec, parse_spec
 from clbench.codecs.learned import CHECKPOINT_FORMAT, import_compressai, learned_config
 from clbench.codecs.registry import get_codec
@@ -733,11 +733,7 @@ def _run_locked(p: _Prepared, progress: bool) -> dict[str, Any]:
         return rec
 
     def write_log(complete: bool) -> None:
-        # The log is the small, committable record of a run: it says whether the run
-        # finished and its best validation loss, so drivers need not load the weights.
-        best_val = state["best_val"] if math.isfinite(state["best_val"]) else None
-        doc = {"config": asdict(cfg), "complete": complete, "best_val": best_val}
-        write_json(out / "train_log.json", {**doc, "history": state["history"]})
+        write_train_log(out, cfg, state["history"], complete, state["best_val"], prov)
 
     def log_validation() -> dict[str, Any]:
         rec: dict[str, Any] = {"step": state["step"], "elapsed": round(state["elapsed"], 1)}

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from clbench.codecs._io import data_path, write_json
+from clbench.codecs._io import data_path, write_train_log
 from clbench.config import yaml_beside
 from clbench.errors import ClbenchError, exit_status
 
@@ -229,6 +229,9 @@ def _train_video(
     # after every check, so that a refused run writes nothing
     stack.enter_context(training_lock(out, "codec train-video"))
     out.mkdir(parents=True, exist_ok=True)
+    from clbench.provenance import provenance
+
+    prov = provenance("cpu", threads=torch.get_num_threads())  # git commit, CPU, packages
 
     def save(path: Path, full: bool) -> None:
         meta = {
@@ -237,7 +240,8 @@ def _train_video(
             "arch_kwargs": arch,
             **{k: state[k] for k in ("step", "elapsed", "history", "best_val")},
             "config": asdict(cfg),
-            "command": " ".join(sys.argv),
+            "command": prov["command"],
+            "provenance": prov,
         }
         payload: dict[str, Any] = {"clbench": meta, "state_dict": model_state(model)}
         if full:
@@ -271,11 +275,7 @@ def _train_video(
         return rec
 
     def write_log(complete: bool) -> None:
-        """The log says whether the run finished and its best validation loss, so a driver
-        can skip a finished run from the log alone (its weights may be gone)."""
-        best_val = state["best_val"] if math.isfinite(state["best_val"]) else None
-        doc = {"config": asdict(cfg), "complete": complete, "best_val": best_val}
-        write_json(out / "train_log.json", {**doc, "history": state["history"]})
+        write_train_log(out, cfg, state["history"], complete, state["best_val"], prov)
 
     def log_validation() -> dict[str, Any]:
         rec = validate()

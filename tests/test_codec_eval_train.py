@@ -181,6 +181,7 @@ def test_tiny_training_lowers_the_loss_and_yields_a_codec(tmp_path):
     assert log[-1]["loss"] < log[0]["loss"]
     # the log alone says the run finished and its best validation loss (drivers read it)
     assert doc["complete"] is True and doc["best_val"] == min(h["loss"] for h in log)
+    assert {"git_commit", "cpu", "packages"} <= set(doc["provenance"])  # where it ran
     best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)["clbench"]["best_val"]
     assert doc["best_val"] == best
     codec = get_codec(f"bmshj2018-factorized:checkpoint={tmp_path / 'run' / 'last.pth'}")

@@ -6,6 +6,7 @@ safetensors file, a Tiny-ImageNet-layout folder of 32x32 JPEGs over 20 ImageNet 
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -274,6 +275,8 @@ def test_icm_training_resumes_bit_identically(root: Path, tmp_path: Path, monkey
     # resuming a finished run trains nothing and rewrites nothing (its export stays identical)
     before = (tmp_path / "a" / "last.pth").read_bytes()
     log = (tmp_path / "a" / "train_log.json").read_text()
+    doc = json.loads(log)
+    assert doc["complete"] is True and {"git_commit", "cpu"} <= set(doc["provenance"])
     rec = train(cfg(tmp_path / "a"), resume=True, progress=False)
     assert rec["step"] == 4 and (tmp_path / "a" / "last.pth").read_bytes() == before
     assert (tmp_path / "a" / "train_log.json").read_text() == log

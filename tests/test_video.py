@@ -359,6 +359,7 @@ def test_training_resumes_exactly_and_makes_a_codec(tmp_path, files, clip):
     assert rec["step"] == 4 and "q0" in rec
     log = json.loads((tmp_path / "b" / "train_log.json").read_text())
     assert log["complete"] and log["best_val"] == min(r["loss"] for r in log["history"])
+    assert {"git_commit", "cpu"} <= set(log["provenance"])
     again = _train(tmp_path, files, 4, tmp_path / "b", resume=True)  # finished: a no-op
     c2 = torch.load(tmp_path / "b" / "last.pth", weights_only=True)["state_dict"]
     assert again == rec and all(torch.equal(a[k], c2[k]) for k in a)

@@ -60,6 +60,20 @@ def run_cmd(cmd: list[str], log: Path) -> None:
         sys.exit(f"failed ({rc}): {shlex.join(cmd)}\n" + "\n".join(tail))
 
 
+def _cpus(runs: Path) -> str:
+    """The CPUs the runs' logs say they trained on; logs from before logs said so are
+    taken to be this machine's (a part is trained within one session)."""
+    from clbench.provenance import cpu_info
+
+    docs = [json.loads(f.read_text()) for f in runs.rglob("train_log.json")]
+    seen = {(d.get("provenance") or {}).get("cpu", {}).get("model") for d in docs}
+    here = cpu_info()["model"]
+    if None in seen:
+        seen.discard(None)
+        seen.add(here if here in seen else f"{here} (assumed)")
+    return ", ".join(sorted(seen)) or here
+
+
 def complete(run: Path) -> bool:
     """A finished run (its last checkpoint says so)."""
     log = run / "train_log.json"
@@ -265,6 +279,12 @@ class Evidence:
         lines += ["Every figure below was computed by `benchmarks/codecs/lic2_evidence.py report`",
                   "from the runs and evaluations in this folder; the commands are in each",
                   "`runs/*.log`, `eval-*.log` and `eval-*/results.json`.", ""]  # fmt: skip
+        a = self.a
+        lines += [f"Settings: `{a.arch}`, seeds {' '.join(map(str, a.seeds))}, λ "
+                  f"{' '.join(f'{v:g}' for v in a.lambdas)}, {a.steps} steps from scratch and "
+                  f"{a.ft_steps} fine-tuning steps (lr {a.ft_lr:g}), batch {a.batch_size} of "
+                  f"{a.patch}² crops, lr {a.lr:g} cosine, {a.jobs} trainings at once with "
+                  f"{a.threads} thread each; CPU: {_cpus(self.runs)}.", ""]  # fmt: skip
         summary: list[dict[str, Any]] = []
 
         def curves(part: str) -> dict[str, Curve]:
