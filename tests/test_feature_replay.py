@@ -145,7 +145,9 @@ def test_uncompressed_front_without_preprocessing(scenario, codec_spec):
     tm = codec.task_model
     with torch.no_grad():
         ref = tm.front(tm.preprocess(_raw(sc, 0)[None]), SPLIT)[0]
-    assert torch.equal(x, ref)
+    # The view runs the front on a batch, the reference on one image: on AVX2 CPUs oneDNN
+    # picks batch-dependent conv kernels, so the two agree to rounding, not bit for bit.
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_feature_codec_with_candidates_is_refused(scenario, codec_spec):
