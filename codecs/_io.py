@@ -58,6 +58,12 @@ def write_train_log(
     write_json(Path(out) / "train_log.json", {**doc, "history": history})
 
 
+def train_log_cpu(doc: Mapping[str, Any]) -> str | None:
+    """The CPU model a ``train_log.json`` says its run trained on (None: a log from before
+    logs said so)."""
+    return ((doc.get("provenance") or {}).get("cpu") or {}).get("model")
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     write_text_atomic(path, text)
 

@@ -308,7 +308,7 @@ def _train(
     out.mkdir(parents=True, exist_ok=True)
     from clbench.provenance import provenance
 
-    prov = provenance("cpu", threads=torch.get_num_threads())  # git commit, CPU, packages
+    prov = provenance("cpu")  # git commit, CPU, packages, torch's threads
 
     n_val = min(cfg.val_images, len(test_set))
     val_idx = list(range(len(test_set) - n_val, len(test_set)))
@@ -346,6 +346,12 @@ def _train(
             payload["aux_optimizer"] = aux_opt.state_dict()
         torch_save_atomic(payload, last)
 
+    budget = cfg.minutes * 60 if cfg.minutes is not None else math.inf
+    total = cfg.steps if cfg.steps is not None else math.inf
+
+    def finished() -> bool:
+        return state["step"] >= total or state["wall_s"] >= budget
+
     def validate() -> dict[str, Any]:
         model.eval()
         sums: dict[str, float] = {}
@@ -363,22 +369,16 @@ def _train(
             step=state["step"], wall_s=round(state["wall_s"], 1), cpu_s=round(state["cpu_s"], 1)
         )
         state["history"].append(rec)
-        done = (cfg.steps is not None and state["step"] >= cfg.steps) or (
-            cfg.minutes is not None and state["wall_s"] >= cfg.minutes * 60
-        )
         write_train_log(
             out,
             cfg,
             state["history"],
-            done,
+            finished(),
             provenance=prov,
             options=method.options,
             trainable_params=trainable,
         )
         return rec
-
-    budget = cfg.minutes * 60 if cfg.minutes is not None else math.inf
-    total = cfg.steps if cfg.steps is not None else math.inf
 
     def frac() -> float:
         return min(1.0, max(state["step"] / total, state["wall_s"] / budget))
@@ -394,7 +394,7 @@ def _train(
     )
     model.train()
     running: dict[str, float] = {}
-    while state["step"] < total and state["wall_s"] < budget:
+    while not finished():
         w0, c0 = _now()
         lr = cfg.lr * (
             cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac()))

@@ -554,12 +554,6 @@ def _psnr(mse: float) -> float:
     return 10 * math.log10(1.0 / mse) if mse > 0 else math.inf
 
 
-def _provenance(threads: int) -> dict[str, Any]:
-    from clbench.provenance import provenance
-
-    return provenance("cpu", threads=threads)
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or continue) one training; returns the final validation record."""
     from clbench.precision import use_threads
@@ -646,7 +640,9 @@ def _run_locked(p: _Prepared, progress: bool) -> dict[str, Any]:
         torch.set_rng_state(ck["rng"])
     run.step = state["step"]
     out.mkdir(parents=True, exist_ok=True)
-    prov = _provenance(torch.get_num_threads())
+    from clbench.provenance import provenance
+
+    prov = provenance("cpu")  # git commit, CPU, packages, torch's threads
     budget = cfg.minutes * 60 if cfg.minutes is not None else math.inf
 
     def eval_model() -> Any:

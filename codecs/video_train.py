@@ -231,7 +231,7 @@ def _train_video(
     out.mkdir(parents=True, exist_ok=True)
     from clbench.provenance import provenance
 
-    prov = provenance("cpu", threads=torch.get_num_threads())  # git commit, CPU, packages
+    prov = provenance("cpu")  # git commit, CPU, packages, torch's threads
 
     def save(path: Path, full: bool) -> None:
         meta = {

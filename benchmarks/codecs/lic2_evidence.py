@@ -63,10 +63,10 @@ def run_cmd(cmd: list[str], log: Path) -> None:
 def _cpus(runs: Path) -> str:
     """The CPUs the runs' logs say they trained on; logs from before logs said so are
     taken to be this machine's (a part is trained within one session)."""
+    from clbench.codecs._io import train_log_cpu
     from clbench.provenance import cpu_info
 
-    docs = [json.loads(f.read_text()) for f in runs.rglob("train_log.json")]
-    seen = {(d.get("provenance") or {}).get("cpu", {}).get("model") for d in docs}
+    seen = {train_log_cpu(json.loads(f.read_text())) for f in runs.rglob("train_log.json")}
     here = cpu_info()["model"]
     if None in seen:
         seen.discard(None)

@@ -365,6 +365,8 @@ class Study:
         """One row per evaluated final model: its BD-rates (PSNR) against JPEG and WebP,
         the PSNR range they cover, and its complexity (the mean over its λ). Every model
         evaluated so far counts, whichever session (or ``--final``) made it."""
+        from clbench.codecs._io import train_log_cpu
+
         rows = []
         for f in sorted((self.a.results / "final").glob("*/results.json")):
             res = json.loads(f.read_text())
@@ -379,7 +381,7 @@ class Study:
             docs = [self._log_doc(d) for d in self.final_run_dirs(name)]
             steps = [doc["history"][-1]["step"] for doc in docs if doc.get("history")]
             row["steps"] = [min(steps), max(steps)] if steps else None
-            cpus = {(doc.get("provenance") or {}).get("cpu", {}).get("model") for doc in docs}
+            cpus = {train_log_cpu(doc) for doc in docs}
             cpus.discard(None)
             row["cpu"] = (
                 ", ".join(sorted(cpus))
