@@ -15,6 +15,13 @@ standard trajectory). Per step, with z = softmax(w) and d_i = ℓ_i - m_i + ε:
 4. w <- optimizer step on  ∇_w z·δ  with  δ = log d - log d',  and L2 decay ``gamma`` on w
    (objectives that improved most lose weight).
 
+The offsets ``m`` default to ``[-1, -1]``, i.e. log(1 + ℓ), as the public training script
+with the ``Balanced`` optimizer sets them (``set_min_losses([-1, -1])``). The offset is what
+keeps λ: ∇log(λD') = ∇D'/D' is λ-free, so with m = 0 the weighting forgets λ and every λ
+trains to the same operating point; ∇log(1 + λD') = λ∇D'/(1 + λD') keeps λ's trade-off
+while λD' ≲ 1 (the regime of a converged model: λ·255²·MSE ≈ 0.1-0.8 at 30-38 dB) and
+fades as λD' grows past 1 (undertrained models, high λ).
+
 This is FAMO (Liu et al. 2023), which the paper builds on; the public third-party copy
 (HPCM's ``Balanced`` optimizer) additionally applies a "cautious" mask to Adam (update only
 where momentum and gradient agree in sign): ``cautious=true`` uses timm's Cautious AdamW
@@ -34,6 +41,10 @@ rises (z may leave [0, 1]; ``clamp=true`` restricts it, giving MGDA's two-task r
 paper does not say how long the step is: we keep the length of the standard gradient
 ∇(D + R), so the learning rate and clipping mean what they mean for ``standard``. The two
 gradients cost one extra backward pass per step (the paper reports +50% training time).
+The min-norm point leans to the objective with the smaller (normalised) gradient, so the
+weights stay near λ's trade-off only where the two gradients conflict at similar norms (a
+converged model); from a model whose distortion gradient is several times the rate's, it
+weights rate and the fine-tuning slides down the R-D curve (docs/lic-training.md).
 
 Options and their defaults are in ``train_methods.yaml``.
 """
@@ -41,6 +52,7 @@ Options and their defaults are in ``train_methods.yaml``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,10 +70,10 @@ def _check_min_losses(method: str, min_losses: Any) -> list[float]:
         m = [float(v) for v in min_losses]
     except (TypeError, ValueError):
         m = []
-    if len(m) != 2 or not all(math.isfinite(v) and v >= 0 for v in m):
+    if len(m) != 2 or not all(math.isfinite(v) for v in m):
         raise ClbenchError(
-            f"codec train: {method}: min_losses={min_losses!r} must be two numbers >= 0 "
-            "(lower bounds of distortion and rate), e.g. [0,0]"
+            f"codec train: {method}: min_losses={min_losses!r} must be two finite numbers "
+            "(the offsets m of distortion and rate in log(loss - m)), e.g. [-1,-1]"
         )
     return m
 
@@ -195,6 +207,21 @@ class BalancedRD(TrainMethod):
             self.weights.load_state_dict(state["weights"])
 
 
+def gram(
+    g_d: Sequence[torch.Tensor | None], g_r: Sequence[torch.Tensor | None]
+) -> tuple[float, float, float]:
+    """(‖g_D‖², g_D·g_R, ‖g_R‖²) of two per-parameter gradient lists (None: unused)."""
+    q_dd = q_dr = q_rr = 0.0
+    for a, b in zip(g_d, g_r, strict=True):
+        if a is not None:
+            q_dd += float((a * a).sum())
+        if b is not None:
+            q_rr += float((b * b).sum())
+        if a is not None and b is not None:
+            q_dr += float((a * b).sum())
+    return q_dd, q_dr, q_rr
+
+
 def qp_weights(
     q_dd: float, q_dr: float, q_rr: float, ridge: float = 0.0, clamp: bool = False
 ) -> tuple[float, float]:
@@ -239,14 +266,7 @@ class BalancedRDQP(TrainMethod):
         g_d = torch.autograd.grad(losses[0], params, retain_graph=True, allow_unused=True)
         g_r = torch.autograd.grad(losses[1], params, allow_unused=True)
         d = [float(v) - m + self.eps for v, m in zip(losses.detach(), self.m, strict=True)]
-        q_dd = q_dr = q_rr = 0.0
-        for a, b in zip(g_d, g_r, strict=True):
-            if a is not None:
-                q_dd += float((a * a).sum())
-            if b is not None:
-                q_rr += float((b * b).sum())
-            if a is not None and b is not None:
-                q_dr += float((a * b).sum())
+        q_dd, q_dr, q_rr = gram(g_d, g_r)
         # Gram matrix of the log-loss gradients ĝ_i = g_i / d_i
         z_d, z_r = qp_weights(
             q_dd / d[0] ** 2, q_dr / (d[0] * d[1]), q_rr / d[1] ** 2, self.ridge, self.clamp
@@ -270,4 +290,4 @@ class BalancedRDQP(TrainMethod):
         return {"z_distortion": self.z[0], "z_rate": self.z[1]}
 
 
-__all__ = ["BalancedRD", "BalancedRDQP", "LogLossWeights", "qp_weights", "rd_losses"]
+__all__ = ["BalancedRD", "BalancedRDQP", "LogLossWeights", "gram", "qp_weights", "rd_losses"]

@@ -41,7 +41,7 @@ from clbench.codecs._io import find_images, write_train_log
 from clbench.codecs.base import format_spec, parse_spec
 from clbench.codecs.learned import CHECKPOINT_FORMAT, import_compressai, learned_config
 from clbench.codecs.registry import get_codec
-from clbench.codecs.train_methods import TrainMethod, build_method
+from clbench.codecs.train_methods import TrainMethod, build_method, method_defaults
 from clbench.config import yaml_beside
 from clbench.data import load_rgb
 from clbench.errors import ClbenchError
@@ -512,6 +512,9 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> _Prepared:
             f"{name}'s deepest latent; use e.g. --patch {max(stride, cfg.patch // stride * stride)}"
         )
     method = build_method(cfg.method, cfg.method_opts)
+    # the run's records (checkpoint meta, train_log.json) keep every option the method ran
+    # with, defaults included: a later change of a YAML default must not rewrite history
+    cfg.method_opts = {**method_defaults().get(cfg.method, {}), **cfg.method_opts}
     method.check(cfg, codec)
     train_set = CropFolder(
         cfg.train_dir, cfg.patch, True, cfg.max_train_images, cfg.seed, cfg.mosaic

@@ -4,6 +4,7 @@ images written as PNGs, a few steps each; nothing reads shared data, nothing is 
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -66,6 +67,22 @@ def test_solution1_objective_gradient_is_the_normalised_weighting():
     np.testing.assert_allclose(losses.grad.numpy(), expect, rtol=1e-6)
 
 
+def test_solution1_default_offsets_keep_lambda_in_the_weighting():
+    """With m = 0 the gradient on the unweighted distortion D' (D = λ·D') is λ-free; the
+    default m = -1 (log(1 + ℓ)) keeps λ: a larger λ weighs distortion more."""
+
+    def weight_on_mse(lmbda: float, m: list[float]) -> float:
+        """d objective / d MSE relative to d objective / d bpp: the effective trade-off."""
+        w = LogLossWeights(2, w_lr=0.1, gamma=0.0, min_losses=m)
+        mse, bpp = torch.tensor(0.002, requires_grad=True), torch.tensor(0.5, requires_grad=True)
+        w.objective(torch.stack([lmbda * 255**2 * mse, bpp])).backward()
+        return float(mse.grad / bpp.grad)
+
+    assert weight_on_mse(0.0035, [0, 0]) == pytest.approx(weight_on_mse(0.025, [0, 0]))
+    assert build_method("balanced-rd", {}).weights.m.tolist() == [-1.0, -1.0]
+    assert weight_on_mse(0.025, [-1, -1]) > 1.5 * weight_on_mse(0.0035, [-1, -1])
+
+
 def test_solution1_weight_update_matches_a_hand_computation():
     """Two scalar losses, w = 0: δ = log ℓ - log ℓ', grad_w = (diag z - z zᵀ) δ + γ w."""
     before, after = torch.tensor([2.0, 0.5]), torch.tensor([1.5, 0.45])
@@ -122,6 +139,10 @@ def test_balanced_methods_train_log_their_weights_and_resume_bit_identically(png
     b = torch.load(tmp_path / "b" / "last.pth", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["method"]["weights"]["w"], b["method"]["weights"]["w"])
+    # the records keep the options the method ran with, YAML defaults included
+    log = json.loads((tmp_path / "a" / "train_log.json").read_text())
+    assert log["config"]["method_opts"]["min_losses"] == [-1, -1]
+    assert a["clbench"]["config"]["method_opts"]["gamma"] == 0.001
     qp = train(
         config(pngs, tmp_path / "qp", EFF, "balanced-rd-qp", {"cautious": True}), progress=False
     )
@@ -153,7 +174,7 @@ def test_nonsense_method_options_are_one_line_errors_before_training(pngs, tmp_p
         ),
         (
             ["--method", "balanced-rd-qp", "--method-opt", "min_losses=[1]"],
-            "min_losses=[1] must be two numbers",
+            "min_losses=[1] must be two finite numbers",
         ),
         (
             ["--method", "balanced-rd", "--method-opt", "w_optimizer=adamm"],

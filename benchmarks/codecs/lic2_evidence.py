@@ -301,6 +301,24 @@ class Evidence:
                     t.append(h[-1]["elapsed"] / h[-1]["step"])
             return statistics.fmean(t)
 
+        def method_opts(m: str) -> str:
+            """The options the runs of ``m`` trained with, as their logs record them."""
+            from clbench.codecs.train_methods import method_defaults
+
+            seen = set()
+            for s in self.a.seeds:
+                for lm in self.a.lambdas:
+                    log = json.loads((self.folder(m, s, lm) / "train_log.json").read_text())
+                    o = log["config"].get("method_opts") or {}
+                    if not o and method_defaults().get(log["config"]["method"]):
+                        seen.add("not recorded (the YAML defaults of the commit that trained "
+                                 "them; see docs/lic-training.md)")  # fmt: skip
+                    else:
+                        seen.add(f"`{json.dumps(o, sort_keys=True)}`" if o else "none")
+            return " / ".join(sorted(seen))
+
+        opts: dict[str, str] = {}
+
         def bd_rows(part: str, methods: list[str]) -> None:
             cs = curves(part)
             lines.extend(["| method | vs | BD-rate % per seed | mean | std | s/step | x ref |",
@@ -314,6 +332,7 @@ class Evidence:
                 mean = statistics.fmean(ok) if ok else math.nan
                 std = statistics.stdev(ok) if len(ok) > 1 else math.nan
                 t, tr = step_time(m), step_time(ref)
+                opts[m] = method_opts(m)
                 lines.append(
                     f"| {m} | {ref} | {', '.join(f'{v:+.2f}' for v in vals)} | {mean:+.2f} | "
                     f"{std:.2f} | {t:.3f} | {t / tr:.2f} |"
@@ -321,6 +340,8 @@ class Evidence:
                 summary.append({"part": part, "method": m, "reference": ref, "bd_rate_mean_pct": mean,
                                 "bd_rate_std_pct": std, "bd_rate_per_seed": vals, "s_per_step": t,
                                 "step_time_ratio": t / tr})  # fmt: skip
+            lines.append("")
+            lines.extend(f"- `{m}` options: {opts[m]}" for m in methods)
             lines.append("")
 
         if (self.out / "eval-balanced" / "results.json").is_file():
