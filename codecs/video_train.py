@@ -69,6 +69,7 @@ class VideoTrainConfig:
     seed: int = 0
     threads: int | None = None
     progressive: float = 0.0
+    init: str | None = None  # start from these weights (fine-tuning); fresh optimizer, step 0
 
     def check(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -165,6 +166,30 @@ def _qualities(model: Any, qs: list[int]) -> list[float]:
     return [lo * (hi / lo) ** (q / (n - 1)) for q in qs]
 
 
+def _init_checkpoint(path: str) -> dict[str, Any]:
+    """A DHVC checkpoint to fine-tune from (best.pth, last.pth or a published model)."""
+    import torch
+
+    from clbench.codecs.dhvc import CHECKPOINT_FORMAT
+
+    if not Path(path).is_file():
+        raise ClbenchError(f"codec train-video: --init {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ClbenchError(
+            f"codec train-video: --init {path} cannot be loaded ({type(e).__name__}); "
+            "give a checkpoint written by `clbench codec train-video`"
+        ) from None
+    meta = ckpt.get("clbench", {}) if isinstance(ckpt, dict) else {}
+    if meta.get("format") != CHECKPOINT_FORMAT or "state_dict" not in ckpt:
+        raise ClbenchError(
+            f"codec train-video: --init {path} is not a DHVC checkpoint "
+            f"(format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT})"
+        )
+    return ckpt
+
+
 def train_video(cfg: VideoTrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) a training; returns the last validation record."""
     with contextlib.ExitStack() as stack:  # holds the run folder's lock once it is taken
@@ -200,8 +225,21 @@ def _train_video(
 
     use_threads("codec train-video", cfg.threads, cfg.minutes)
     arch = {**dhvc_config()["arch"], **cfg.arch}
+    init = None
+    if cfg.init:  # its architecture; its weights only for a new run (resume: last.pth)
+        init = _init_checkpoint(cfg.init)
+        have = init["clbench"]["arch_kwargs"]
+        clash = {k: v for k, v in cfg.arch.items() if have.get(k) != v}
+        if clash:
+            raise ClbenchError(
+                f"codec train-video: --init {cfg.init} is a {have} model; drop --arch {clash} "
+                "(the architecture comes from the checkpoint)"
+            )
+        arch = dict(have)
     torch.manual_seed(cfg.seed)
     model = build_model(**arch)
+    if init is not None and not resume:
+        load_model_state(model, init["state_dict"], cfg.init)
     val_lmbdas = _qualities(model, cfg.val_qualities)
     # every data source is read (and checked) before anything is written
     vc, pv = _sources(cfg, cfg.clips, cfg.stills, cfg.max_train_images)
@@ -370,6 +408,8 @@ def add_train_video_parser(sub: Any) -> argparse.ArgumentParser:
     for key in ("minutes", "lr", "lr-drop-at", "clip", "clip-share", "max-speed", "progressive"):
         p.add_argument(f"--{key}", type=float)
     p.add_argument("--val-qualities", help="comma-separated quality indexes to validate")
+    p.add_argument("--init", help="DHVC checkpoint to start from (fine-tuning: its architecture "
+                   "and weights, a fresh optimizer, step 0)")  # fmt: skip
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train_video)
@@ -408,6 +448,7 @@ def _cmd_train_video(args: argparse.Namespace) -> int:
         minutes=args.minutes,
         max_train_images=args.max_train_images,
         threads=args.threads,
+        init=args.init,
         **kw,
     )
     rec = train_video(cfg, resume=args.resume, progress=not args.no_progress)

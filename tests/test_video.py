@@ -383,6 +383,31 @@ def test_progressive_training_term_trains_and_logs_each_truncated_decode(tmp_pat
         VideoTrainConfig(out="x", stills=["s"], steps=1, progressive=-1).check()
 
 
+def test_init_fine_tunes_from_a_checkpoint_and_refuses_bad_ones(tmp_path, files):
+    from clbench.codecs.video_train import VideoTrainConfig, train_video
+
+    _train(tmp_path, files, 2, tmp_path / "base")
+    start = tmp_path / "base" / "best.pth"
+    _train(tmp_path, files, 1, tmp_path / "ft", init=str(start), lr=0.0)  # lr 0: weights kept
+    a = torch.load(start, weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "ft" / "last.pth", weights_only=True)
+    assert all(torch.equal(a[k], b["state_dict"][k]) for k in a)
+    assert b["clbench"]["step"] == 1 and b["clbench"]["config"]["init"] == str(start)
+    _train(tmp_path, files, 2, tmp_path / "ft", init=str(start), lr=0.0, resume=True)
+
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pth")
+    bad = [
+        (str(tmp_path / "nope.pth"), {}, "does not exist"),
+        (str(tmp_path / "other.pth"), {}, "is not a DHVC checkpoint"),
+        (str(start), {"widths": [16, 16]}, "drop --arch"),
+    ]
+    for init, arch, msg in bad:
+        cfg = VideoTrainConfig(out=str(tmp_path / "x"), stills=["s"], steps=1, init=init, arch=arch)
+        with pytest.raises(ClbenchError, match=msg):
+            train_video(cfg, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_training_refuses_clips_shorter_than_t_before_writing(tmp_path, files):
     from clbench.codecs.video_train import VideoTrainConfig, train_video
 
