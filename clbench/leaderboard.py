@@ -60,10 +60,13 @@ CSV_COLUMNS = [
 
 def learner(r: RunRecord) -> str:
     """The network a run trained: its config's backbone, unless the strategy reports
-    another. Feature replay trains a pretrained task model's stages after the split
-    (``strategy_report.feature_replay``), not the scenario's backbone; a leaderboard that
-    ranks it among from-scratch rows must say so."""
-    fr = (r.strategy_report or {}).get("feature_replay")
+    another as ``strategy_report.learner`` (feature replay trains a pretrained task model's
+    stages after the split, not the scenario's backbone; a leaderboard that ranks it among
+    from-scratch rows must say so)."""
+    rep = r.strategy_report or {}
+    if rep.get("learner"):
+        return str(rep["learner"])
+    fr = rep.get("feature_replay")  # records written before strategies reported `learner`
     if fr:
         return f"{fr['task_model']} after {fr['split']}"
     backbone = r.config.get("backbone") or {}

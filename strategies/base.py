@@ -352,7 +352,9 @@ class Strategy(ABC):
         return dataset.eval()
 
     def report(self) -> dict[str, Any]:
-        """Decisions worth recording in the run record (e.g. a codec selection table)."""
+        """Decisions worth recording in the run record (e.g. a codec selection table).
+        ``learner``: the network trained, when it is not the config's backbone (leaderboards
+        show it)."""
         return {}
 
     def trainable_params(self) -> int:

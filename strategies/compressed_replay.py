@@ -495,6 +495,8 @@ class CompressedReplay:
                 "split": codec.split,
                 "trainable_stages": list(self.model.backbone.stages),
             }
+            # the network this run trained, for tables that rank it beside other learners
+            out["learner"] = f"{codec.task_model.spec.name} after {codec.split}"
         if self.warnings:
             out["warnings"] = list(self.warnings)
         return out

@@ -126,6 +126,7 @@ def test_feature_replay_end_to_end_and_resume(scenario, codec_spec, tmp_path, na
     mem = full["costs"]["memory"]
     assert 0 < mem["buffer_bytes"] <= budget and mem["codec"] == get_codec(codec_spec).spec
     assert full["strategy_report"]["feature_replay"]["split"] == SPLIT
+    assert full["strategy_report"]["learner"].endswith(f"after {SPLIT}")
     acc = full["metrics"]["accuracy_matrix"]
     assert len(acc) == 2
     out = tmp_path / "b"

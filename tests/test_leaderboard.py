@@ -322,15 +322,20 @@ def test_rows_that_trained_another_network_say_which(tmp_path):
     cfg = {"backbone": {"name": "resnet18"}, "train": {"epochs": 1}}
     plain = make_record("tin", "er", 0, config=cfg)
     feat = make_record("tin", "er-compressed@fvr", 0, config={**cfg, "strategy_params": {"x": 1}})
+    # a record written before strategies reported `learner` (feature_replay only) ...
     feat["strategy_report"] = {
         "feature_replay": {"task_model": "tf_efficientnet_lite0", "split": "blocks.2"}
     }
-    for rec in (plain, feat):
+    # ... and one from a strategy that reports it
+    plug = make_record("tin", "my-plugin", 0, config={**cfg, "strategy_params": {"y": 2}})
+    plug["strategy_report"] = {"learner": "vit_tiny (frozen) + head"}
+    for rec in (plain, feat, plug):
         (runs / f"{rec['run_id']}.json").write_text(json.dumps(rec))
     build_leaderboard(tmp_path)
     rows = {r["strategy"]: r for r in read_csv(tmp_path / "leaderboard.csv")}
     assert rows["er"]["learner"] == "resnet18"
     assert rows["er-compressed@fvr"]["learner"] == "tf_efficientnet_lite0 after blocks.2"
+    assert rows["my-plugin"]["learner"] == "vit_tiny (frozen) + head"
     md = (tmp_path / "leaderboard.md").read_text()
     assert "| # | Strategy | Learner | Seeds |" in md
     assert "| er-compressed@fvr | tf_efficientnet_lite0 after blocks.2 | 1 |" in md
@@ -339,6 +344,7 @@ def test_rows_that_trained_another_network_say_which(tmp_path):
         in (tmp_path / "leaderboard.html").read_text()
     )
     # one network throughout: no column
-    (runs / f"{feat['run_id']}.json").unlink()
+    for rec in (feat, plug):
+        (runs / f"{rec['run_id']}.json").unlink()
     build_leaderboard(tmp_path)
     assert "Learner" not in (tmp_path / "leaderboard.md").read_text()
