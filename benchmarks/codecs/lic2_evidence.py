@@ -321,25 +321,33 @@ class Evidence:
 
         def bd_rows(part: str, methods: list[str]) -> None:
             cs = curves(part)
-            lines.extend(["| method | vs | BD-rate % per seed | mean | std | s/step | x ref |",
-                          "|---|---|---|---:|---:|---:|---:|"])  # fmt: skip
+            lines.extend(["| method | vs | BD-rate % per seed | mean | std | BD-PSNR dB per seed | mean | std | s/step | x ref |",
+                          "|---|---|---|---:|---:|---|---:|---:|---:|---:|"])  # fmt: skip
+
+            def mean_std(vals: list[float]) -> tuple[float, float]:
+                ok = [v for v in vals if math.isfinite(v)]  # NaN: no overlap, or not monotone
+                return (
+                    statistics.fmean(ok) if ok else math.nan,
+                    statistics.stdev(ok) if len(ok) > 1 else math.nan,
+                )
+
             for m in methods:
                 ref = REF.get(m, "standard")
-                vals = [
-                    bd(cs[f"{ref}-s{s}"], cs[f"{m}-s{s}"], col)["bd_rate_pct"] for s in self.a.seeds
-                ]
-                ok = [v for v in vals if math.isfinite(v)]  # NaN: the curves do not overlap
-                mean = statistics.fmean(ok) if ok else math.nan
-                std = statistics.stdev(ok) if len(ok) > 1 else math.nan
+                res = [bd(cs[f"{ref}-s{s}"], cs[f"{m}-s{s}"], col) for s in self.a.seeds]
+                vals = [r["bd_rate_pct"] for r in res]
+                dbs = [r.get(col.bd, math.nan) for r in res]
+                (mean, std), (mdb, sdb) = mean_std(vals), mean_std(dbs)
                 t, tr = step_time(m), step_time(ref)
                 opts[m] = method_opts(m)
                 lines.append(
                     f"| {m} | {ref} | {', '.join(f'{v:+.2f}' for v in vals)} | {mean:+.2f} | "
-                    f"{std:.2f} | {t:.3f} | {t / tr:.2f} |"
+                    f"{std:.2f} | {', '.join(f'{v:+.3f}' for v in dbs)} | {mdb:+.3f} | {sdb:.3f} | "
+                    f"{t:.3f} | {t / tr:.2f} |"
                 )
                 summary.append({"part": part, "method": m, "reference": ref, "bd_rate_mean_pct": mean,
-                                "bd_rate_std_pct": std, "bd_rate_per_seed": vals, "s_per_step": t,
-                                "step_time_ratio": t / tr})  # fmt: skip
+                                "bd_rate_std_pct": std, "bd_rate_per_seed": vals,
+                                "bd_psnr_mean_db": mdb, "bd_psnr_std_db": sdb, "bd_psnr_per_seed": dbs,
+                                "s_per_step": t, "step_time_ratio": t / tr})  # fmt: skip
             lines.append("")
             lines.extend(f"- `{m}` options: {opts[m]}" for m in methods)
             lines.append("")
