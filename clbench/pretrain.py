@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -167,12 +165,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         "train_images": len(train),
         "seconds": time.time() - start,
         "seed": args.seed,
-        "threads": torch.get_num_threads(),
-        "torch": str(torch.__version__),  # TorchVersion would not load with weights_only
-        "timm": timm.__version__,
-        "command": "clbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "normalize": False,
-        "provenance": provenance("cpu"),  # git commit, CPU, packages
+        "provenance": provenance("cpu"),  # git commit, CPU, threads, packages, command
     }
     out = Path(args.out)
     torch_save_atomic({"state_dict": model.state_dict(), "meta": meta}, out)

@@ -87,7 +87,8 @@ def test_clbench_pretrain_checkpoint_loads_as_a_benchmark_backbone(tmp_path):
     assert main(argv) == 0
     ck = torch.load(out, weights_only=True)
     assert ck["meta"]["class_range"] == [2, 4] and 0 <= ck["meta"]["test_accuracy"] <= 1
-    assert "git_commit" in ck["meta"]["provenance"]  # where it ran, loadable weights-only
+    prov = ck["meta"]["provenance"]  # where it ran, loadable weights-only
+    assert "git_commit" in prov and prov["command"] and "timm" in prov["packages"]
     cfg = BackboneConfig(
         name="vit_tiny_patch16_224",
         checkpoint=str(out),
