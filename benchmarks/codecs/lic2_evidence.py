@@ -283,8 +283,9 @@ class Evidence:
         lines += [f"Settings: `{a.arch}`, seeds {' '.join(map(str, a.seeds))}, λ "
                   f"{' '.join(f'{v:g}' for v in a.lambdas)}, {a.steps} steps from scratch and "
                   f"{a.ft_steps} fine-tuning steps (lr {a.ft_lr:g}), batch {a.batch_size} of "
-                  f"{a.patch}² crops, lr {a.lr:g} cosine, {a.jobs} trainings at once with "
-                  f"{a.threads} thread each; CPU: {_cpus(self.runs)}.", ""]  # fmt: skip
+                  f"{a.patch}² crops, lr {a.lr:g} cosine, {a.threads} thread per training (how many "
+                  "ran at once, and beside what, is in docs/lic-training.md: it moves the "
+                  f"s/step columns); CPU: {_cpus(self.runs)}.", ""]  # fmt: skip
         summary: list[dict[str, Any]] = []
 
         def curves(part: str) -> dict[str, Curve]:
