@@ -330,8 +330,7 @@ def _train(
             "trainable_params": trainable,
             "train_flops_per_step": flops_step,
             "config": asdict(cfg),
-            "command": prov["command"],
-            "provenance": prov,
+            "provenance": prov,  # git commit, CPU, packages, command
             **method.meta(model),
             **{k: state[k] for k in ("step", "wall_s", "cpu_s", "history")},
         }

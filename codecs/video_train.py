@@ -278,8 +278,7 @@ def _train_video(
             "arch_kwargs": arch,
             **{k: state[k] for k in ("step", "elapsed", "history", "best_val")},
             "config": asdict(cfg),
-            "command": prov["command"],
-            "provenance": prov,
+            "provenance": prov,  # git commit, CPU, packages, command
         }
         payload: dict[str, Any] = {"clbench": meta, "state_dict": model_state(model)}
         if full:

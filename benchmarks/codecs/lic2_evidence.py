@@ -34,6 +34,7 @@ Outputs: results/codecs/lic2/ (runs/ holds the checkpoints and training logs).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shlex
@@ -292,30 +293,32 @@ class Evidence:
             res = json.loads((self.out / f"eval-{part}" / "results.json").read_text())
             return {c["label"]: Curve(c["label"], [], points=c["points"]) for c in res["curves"]}
 
+        @functools.cache
+        def logs(m: str) -> list[dict[str, Any]]:
+            """The train logs of ``m``'s runs, every seed and λ (read once)."""
+            return [
+                json.loads((self.folder(m, s, lm) / "train_log.json").read_text())
+                for s in self.a.seeds
+                for lm in self.a.lambdas
+            ]
+
         def step_time(m: str) -> float:
-            t = []
-            for s in self.a.seeds:
-                for lm in self.a.lambdas:
-                    h = json.loads((self.folder(m, s, lm) / "train_log.json").read_text())[
-                        "history"
-                    ]
-                    t.append(h[-1]["elapsed"] / h[-1]["step"])
-            return statistics.fmean(t)
+            return statistics.fmean(
+                log["history"][-1]["elapsed"] / log["history"][-1]["step"] for log in logs(m)
+            )
 
         def method_opts(m: str) -> str:
             """The options the runs of ``m`` trained with, as their logs record them."""
             from clbench.codecs.train_methods import method_defaults
 
             seen = set()
-            for s in self.a.seeds:
-                for lm in self.a.lambdas:
-                    log = json.loads((self.folder(m, s, lm) / "train_log.json").read_text())
-                    o = log["config"].get("method_opts") or {}
-                    if not o and method_defaults().get(log["config"]["method"]):
-                        seen.add("not recorded (the YAML defaults of the commit that trained "
-                                 "them; see docs/lic-training.md)")  # fmt: skip
-                    else:
-                        seen.add(f"`{json.dumps(o, sort_keys=True)}`" if o else "none")
+            for log in logs(m):
+                o = log["config"].get("method_opts") or {}
+                if not o and method_defaults().get(log["config"]["method"]):
+                    seen.add("not recorded (the YAML defaults of the commit that trained "
+                             "them; see docs/lic-training.md)")  # fmt: skip
+                else:
+                    seen.add(f"`{json.dumps(o, sort_keys=True)}`" if o else "none")
             return " / ".join(sorted(seen))
 
         opts: dict[str, str] = {}
