@@ -75,6 +75,11 @@ def _cpus(runs: Path) -> str:
     return ", ".join(sorted(seen)) or here
 
 
+def _num(v: float, spec: str) -> str:
+    """A table figure; n/a where it could not be computed (the notes under the table say why)."""
+    return format(v, spec) if math.isfinite(v) else "n/a"
+
+
 def complete(run: Path) -> bool:
     """A finished run (its last checkpoint says so)."""
     log = run / "train_log.json"
@@ -93,6 +98,8 @@ class Evidence:
         self.runs = self.out / "runs"
         self.cli = [sys.executable, "-m", "clbench.codecs.cli"]
         self.jobs: list[tuple[list[str], Path]] = []
+        # an evaluation runs alone, on the cores the --jobs trainings shared
+        self.eval_threads = a.jobs * a.threads
 
     # -- training ------------------------------------------------------------------------
     def train(
@@ -177,12 +184,19 @@ class Evidence:
         self.train(teacher, f"bgvae:pretrained=false,bound=true,width={a.teacher_width}",
                    a.bg_val_lambda, a.bg_steps, "bgvae", 0)  # fmt: skip
         self.train(self.runs / "bgvae-plain", bg, a.bg_val_lambda, a.bg_steps, "bgvae", 0)
-        for lm in a.lambdas:
-            self.train(self.runs / f"bgvae-fixed-{lm:g}", f"{bg},lmin={lm},lmax={lm}", lm,
-                       a.fixed_steps, "bgvae", 0)  # fmt: skip
+        fixed = [(self.runs / f"bgvae-fixed-{lm:g}", lm) for lm in a.lambdas]
+
+        def queue_fixed(some: list[tuple[Path, float]]) -> None:
+            for run, lm in some:
+                self.train(run, f"{bg},lmin={lm},lmax={lm}", lm, a.fixed_steps, "bgvae", 0)
+
+        # the guided student needs the finished teacher: the first fixed-rate run fills the
+        # second worker beside the teacher and the rest run beside the guided student
+        queue_fixed(fixed[:1])
         self.flush()
         guided = {"teacher": teacher / "best.pth", "w_feat": a.w_feat, "w_rec": a.w_rec}
         self.train(self.runs / "bgvae-guided", bg, a.bg_val_lambda, a.bg_steps, "bgvae", 0, guided)
+        queue_fixed(fixed[1:])
         self.flush()
         lams = "[" + ",".join(f"{v:g}" for v in a.bg_lambdas) + "]"
         curves = {
@@ -208,7 +222,7 @@ class Evidence:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         cmd = [*self.cli, "eval", str(path), "--data-root", self.a.data_root, "--out", str(dest),
-               "--no-complexity", "--no-progress", "--threads", str(self.a.threads)]  # fmt: skip
+               "--no-complexity", "--no-progress", "--threads", str(self.eval_threads)]  # fmt: skip
         run_cmd(cmd, self.out / f"eval-{part}.log")
         return dest
 
@@ -237,7 +251,7 @@ class Evidence:
         from clbench.codecs.evaluation.metrics import psnr_rgb
         from clbench.data import load_rgb
 
-        torch.set_num_threads(self.a.threads)
+        torch.set_num_threads(self.eval_threads)
         files = find_images(data_path(self.a.kodak, self.a.data_root), "Kodak folder")
         images = [load_rgb(f) for f in files][: self.a.limit or None]
         teacher = get_codec(f"bgvae:checkpoint={self.runs / 'bgvae-teacher' / 'best.pth'}").model
@@ -335,6 +349,7 @@ class Evidence:
                     statistics.stdev(ok) if len(ok) > 1 else math.nan,
                 )
 
+            notes: list[str] = []
             for m in methods:
                 ref = REF.get(m, "standard")
                 res = [bd(cs[f"{ref}-s{s}"], cs[f"{m}-s{s}"], col) for s in self.a.seeds]
@@ -344,15 +359,19 @@ class Evidence:
                 t, tr = step_time(m), step_time(ref)
                 opts[m] = method_opts(m)
                 lines.append(
-                    f"| {m} | {ref} | {', '.join(f'{v:+.2f}' for v in vals)} | {mean:+.2f} | "
-                    f"{std:.2f} | {', '.join(f'{v:+.3f}' for v in dbs)} | {mdb:+.3f} | {sdb:.3f} | "
-                    f"{t:.3f} | {t / tr:.2f} |"
+                    f"| {m} | {ref} | {', '.join(_num(v, '+.2f') for v in vals)} | "
+                    f"{_num(mean, '+.2f')} | {_num(std, '.2f')} | "
+                    f"{', '.join(_num(v, '+.3f') for v in dbs)} | {_num(mdb, '+.3f')} | "
+                    f"{_num(sdb, '.3f')} | {t:.3f} | {t / tr:.2f} |"
                 )
+                notes += [f"`{m}` seed {s}: {r['note']}" for s, r in zip(self.a.seeds, res, strict=True)
+                          if "note" in r]  # fmt: skip
                 summary.append({"part": part, "method": m, "reference": ref, "bd_rate_mean_pct": mean,
                                 "bd_rate_std_pct": std, "bd_rate_per_seed": vals,
                                 "bd_psnr_mean_db": mdb, "bd_psnr_std_db": sdb, "bd_psnr_per_seed": dbs,
                                 "s_per_step": t, "step_time_ratio": t / tr})  # fmt: skip
             lines.append("")
+            lines.extend(f"- n/a: {n}" for n in notes)
             lines.extend(f"- `{m}` options: {opts[m]}" for m in methods)
             lines.append("")
 
@@ -393,7 +412,7 @@ class Evidence:
             for label, c in cs.items():
                 b = bd(cs["BG-VAE unguided"], c, col)["bd_rate_pct"]
                 pts = ", ".join(f"{p['bpp']:.3f}/{p['psnr']:.2f}" for p in c.points)
-                lines.append(f"| {label} | {pts} | {b:+.2f} |")
+                lines.append(f"| {label} | {pts} | {_num(b, '+.2f')} |")
                 summary.append({"part": "bgvae", "curve": label, "bd_rate_vs_unguided_pct": b,
                                 "points": [(p["bpp"], p["psnr"]) for p in c.points]})  # fmt: skip
             ex = self.out / "eval-bgvae" / "extras.json"
