@@ -11,7 +11,8 @@ Spec options (all families)::
     pretrained=false  an explicitly random-init model (tests, training from scratch)
     device=cpu        where to run; bitstreams only decode on the same kind of device
     pad=64            pad inputs to a multiple of this (>= the family's min_pad)
-    batch=16          images per network call when encoding/decoding many
+    batch=N           images per network call when encoding/decoding many (default: 16
+                      when every entropy model has static CDFs, else 1; see batch_default)
     N=128,M=192       architecture sizes for a random-init model
 
 Weights come from, in order: ``checkpoint=``, the torch hub cache
@@ -106,6 +107,26 @@ def read_checkpoint(path: str | os.PathLike, who: str) -> tuple[dict[str, Any], 
     return load_state_dict(state), meta
 
 
+def batch_default(model: Any) -> int:
+    """Images per network call unless ``batch=`` says otherwise.
+
+    A batch is not computed exactly as its images alone would be: CPU kernels pick their
+    blocking from the batch size, so outputs differ in the last bits. Where the decoder
+    derives CDFs from network outputs (hyperprior scales, contexts, a VAE's priors) a
+    one-ulp difference can pick another CDF, and the range decoder loses sync: bytes
+    encoded in one batch would decode to garbage in another (measured on a BG-VAE and the
+    eff-lic hyperprior models trained here). Such models code one image per call, so
+    decoding depends on the bytes alone. With static CDFs only (factorized priors) a
+    batch moves a decoded pixel by at most one level, and batching stays (1.5-2.7x the
+    throughput, results/perf/codec_throughput.md)."""
+    from compressai.entropy_models import EntropyBottleneck, EntropyModel
+
+    static = all(
+        isinstance(m, EntropyBottleneck) for m in model.modules() if isinstance(m, EntropyModel)
+    )
+    return 16 if static else 1
+
+
 class CompressAICodec(Codec):
     """A CompressAI ``CompressionModel`` as a codec; one subclass per family."""
 
@@ -121,7 +142,7 @@ class CompressAICodec(Codec):
         pretrained: bool | None = None,
         device: str = "cpu",
         pad: int = 64,
-        batch: int = 16,
+        batch: int | None = None,
         cross_device: bool = False,
         **arch: Any,
     ):
@@ -131,13 +152,17 @@ class CompressAICodec(Codec):
         self._torch = torch
         self.q, self.metric, self.checkpoint = q, metric, checkpoint
         self.download, self.pretrained, self.device = bool(download), pretrained, str(device)
-        self.pad, self.batch, self.cross_device = int(pad), int(batch), bool(cross_device)
+        self.pad, self.cross_device = int(pad), bool(cross_device)
+        self.batch = 1 if batch is None else int(batch)  # validated before the model exists
         self.lmbda: float | None = None
         self.arch_kwargs: dict[str, Any] = dict(arch)
         self._validate()
         self.model = self._build()
         self.model.eval().to(self.device)
         self.model.update(force=True)  # CDF tables must match the weights before compress
+        self.batch_default = batch_default(self.model)
+        if batch is None:
+            self.batch = self.batch_default
 
     # -- construction -------------------------------------------------------------------
     def _validate(self) -> None:
@@ -275,7 +300,7 @@ class CompressAICodec(Codec):
             opts["device"] = self.device
         if self.pad != 64:
             opts["pad"] = self.pad
-        if self.batch != 16:
+        if self.batch != self.batch_default:
             opts["batch"] = self.batch
         if self.cross_device:
             opts["cross_device"] = True

@@ -108,6 +108,33 @@ def test_batch_size_and_pad_options():
         get_codec(tiny("bmshj2018-hyperprior", "pad=16"))
 
 
+def test_models_with_network_derived_cdfs_code_one_image_per_call():
+    """A batch is not computed bit-exactly as its images alone; where the decoder takes CDFs
+    from network outputs that can desynchronise the range decoder, so such models code one
+    image per network call and decoding depends on the bytes alone."""
+    fact = get_codec(tiny("bmshj2018-factorized"))
+    hyper = get_codec(tiny("bmshj2018-hyperprior"))
+    assert (fact.batch, hyper.batch) == (16, 1)
+    assert "batch" not in fact.options() and "batch" not in hyper.options()
+    forced = get_codec(tiny("bmshj2018-hyperprior", "batch=4"))
+    assert forced.batch == 4 and forced.options()["batch"] == 4
+    seen: list[int] = []
+    for name in ("compress", "decompress"):
+        inner = getattr(hyper.model, name)
+
+        def spy(*a, _inner=inner, **k):
+            seen.append(a[0].shape[0] if torch.is_tensor(a[0]) else len(a[0][0]))
+            return _inner(*a, **k)
+
+        setattr(hyper.model, name, spy)
+    x = batch(3, 24, 24)
+    data = hyper.encode(x)
+    together = hyper.decode(data)
+    assert seen == [1] * 6
+    for d, t in zip(data, together, strict=True):
+        np.testing.assert_array_equal(hyper.decode([d])[0], t)
+
+
 # -- weights -----------------------------------------------------------------------------------
 
 

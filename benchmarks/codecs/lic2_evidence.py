@@ -265,7 +265,7 @@ class Evidence:
         decoded = student.decode(data)
         exact = 0
         for img, d in zip(images, decoded, strict=True):
-            x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+            x = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous().float() / 255
             with torch.inference_mode():
                 ref = student.model(x)["x_hat"].clamp(0, 1)
             exact += int(np.array_equal(d, (ref[0] * 255).round().byte().permute(1, 2, 0).numpy()))
