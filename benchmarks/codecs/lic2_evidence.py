@@ -375,9 +375,13 @@ class Evidence:
             lines.extend(f"- `{m}` options: {opts[m]}" for m in methods)
             lines.append("")
 
+        lines += ["## Balanced R-D (Kodak BD-rate, PSNR, paired by seed)", ""]
+        if (self.out / "balanced-m0" / "README.md").is_file():
+            lines += ["The earlier run with offsets m = [0, 0]: [balanced-m0/](balanced-m0/README.md).", ""]  # fmt: skip
         if (self.out / "eval-balanced" / "results.json").is_file():
-            lines += ["## Balanced R-D (Kodak BD-rate, PSNR, paired by seed)", ""]
             bd_rows("balanced", ["balanced-rd", "standard-ft", "balanced-rd-qp"])
+        else:
+            lines += ["Not evaluated yet: `lic2_evidence.py balanced` resumes the trainings.", ""]
         if (self.out / "eval-stdet" / "results.json").is_file():
             lines += ["## STDET + SMA", ""]
             bd_rows("stdet", ["stdet-sma"])
@@ -407,8 +411,25 @@ class Evidence:
             lines.append("")
         if (self.out / "eval-bgvae" / "results.json").is_file():
             cs = curves("bgvae")
-            lines += ["## BG-VAE (Kodak)", "", "| curve | points (bpp / PSNR dB) | BD-rate % vs unguided |",
-                      "|---|---|---:|"]  # fmt: skip
+            lines += ["## BG-VAE (Kodak)", "",
+                      f"Students `bgvae:width={a.bg_width}`, teacher `bound=true,width={a.teacher_width}`, "
+                      f"{a.bg_steps} steps each (validation λ {a.bg_val_lambda:g}), guidance w_feat "
+                      f"{a.w_feat:g}, w_rec {a.w_rec:g}; fixed-rate students (`lmin=lmax=λ`) {a.fixed_steps} "
+                      "steps each; seed 0; evaluated at λ "
+                      f"{' '.join(f'{v:g}' for v in a.bg_lambdas)}. Trainings:", "",
+                      "| run | steps | s | final val loss | val bpp | val PSNR dB |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+            bg_runs = ["teacher", "plain", "guided", *(f"fixed-{v:g}" for v in a.lambdas)]
+            for r in bg_runs:
+                h = json.loads((self.runs / f"bgvae-{r}" / "train_log.json").read_text())[
+                    "history"
+                ][-1]
+                lines.append(f"| bgvae-{r} | {h['step']} | {h['elapsed']:.0f} | {h['loss']:.4f} | "
+                             f"{h['bpp']:.3f} | {h['psnr']:.2f} |")  # fmt: skip
+            lines += [
+                "",
+                "| curve | points (bpp / PSNR dB) | BD-rate % vs unguided |",
+                "|---|---|---:|",
+            ]
             for label, c in cs.items():
                 b = bd(cs["BG-VAE unguided"], c, col)["bd_rate_pct"]
                 pts = ", ".join(f"{p['bpp']:.3f}/{p['psnr']:.2f}" for p in c.points)
