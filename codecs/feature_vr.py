@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from clbench.codecs import container
 from clbench.codecs.base import CorruptDataError
+from clbench.codecs.learned import batch_default
 from clbench.codecs.registry import register_codec
 from clbench.codecs.task_model import (
     FeatureCodec,
@@ -242,11 +243,11 @@ class FeatureVRCodec(FeatureCodec):
         weights: str | None = None,
         data_root: str | None = None,
         device: str = "cpu",
-        batch: int = 16,
+        batch: int | None = None,
         cross_device: bool = False,
     ):
         self.checkpoint, self.weights, self.data_root = checkpoint, weights, data_root
-        self.device, self.batch, self.cross_device = str(device), int(batch), bool(cross_device)
+        self.device, self.cross_device = str(device), bool(cross_device)
         state, meta = read_icm_checkpoint(checkpoint, NAME)
         self.meta = meta
         lo, hi = meta["arch"]["lmbda_min"], meta["arch"]["lmbda_max"]
@@ -274,6 +275,8 @@ class FeatureVRCodec(FeatureCodec):
             ) from None
         self.net.eval().to(self.device)
         self.net.entropy_bottleneck.update(force=True)
+        self.batch_default = batch_default(self.net)
+        self.batch = self.batch_default if batch is None else int(batch)
         self.model = self.net  # what the evaluation wing's complexity counts as the codec's network
         self.feature_shape = self.task_model.feature_shape(self.split)
 
@@ -283,7 +286,7 @@ class FeatureVRCodec(FeatureCodec):
             opts["weights"] = self.weights
         if self.device != "cpu":
             opts["device"] = self.device
-        if self.batch != 16:
+        if self.batch != self.batch_default:
             opts["batch"] = self.batch
         return opts
 

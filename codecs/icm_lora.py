@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from clbench.codecs import container
 from clbench.codecs.base import CorruptDataError
 from clbench.codecs.icm_train import ICMMethod, register_icm_method
+from clbench.codecs.learned import batch_default
 from clbench.codecs.registry import register_codec
 from clbench.codecs.task_model import (
     FeatureCodec,
@@ -300,11 +301,11 @@ class LoRAICMCodec(FeatureCodec):
         checkpoint: str | None = None,
         weights: str | None = None,
         data_root: str | None = None,
-        batch: int = 16,
+        batch: int | None = None,
         cross_device: bool = False,
     ):
         self.checkpoint, self.weights, self.data_root = checkpoint, weights, data_root
-        self.batch, self.cross_device, self.device = int(batch), bool(cross_device), "cpu"
+        self.cross_device, self.device = bool(cross_device), "cpu"
         state, meta = read_icm_checkpoint(checkpoint, NAME)
         self.meta, self.task, self.lmbda = meta, meta["task"], float(meta["lmbda"])
         self.shared = shared_backbone(meta, checkpoint, weights, data_root)
@@ -322,12 +323,14 @@ class LoRAICMCodec(FeatureCodec):
             self.shared.entropy[self.adapter].update(force=True)
         self.feature_shape = self.task_model.feature_shape(self.split)
         self.model = self.shared  # the evaluation wing's complexity counts this network
+        self.batch_default = batch_default(self.shared.entropy)
+        self.batch = self.batch_default if batch is None else int(batch)
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"checkpoint": self.checkpoint}
         if self.weights:
             opts["weights"] = self.weights
-        if self.batch != 16:
+        if self.batch != self.batch_default:
             opts["batch"] = self.batch
         return opts
 

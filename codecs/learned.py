@@ -153,7 +153,7 @@ class CompressAICodec(Codec):
         self.q, self.metric, self.checkpoint = q, metric, checkpoint
         self.download, self.pretrained, self.device = bool(download), pretrained, str(device)
         self.pad, self.cross_device = int(pad), bool(cross_device)
-        self.batch = 1 if batch is None else int(batch)  # validated before the model exists
+        self.batch = None if batch is None else int(batch)  # None: batch_default(model)
         self.lmbda: float | None = None
         self.arch_kwargs: dict[str, Any] = dict(arch)
         self._validate()
@@ -161,8 +161,7 @@ class CompressAICodec(Codec):
         self.model.eval().to(self.device)
         self.model.update(force=True)  # CDF tables must match the weights before compress
         self.batch_default = batch_default(self.model)
-        if batch is None:
-            self.batch = self.batch_default
+        self.batch = self.batch_default if self.batch is None else self.batch
 
     # -- construction -------------------------------------------------------------------
     def _validate(self) -> None:
@@ -186,7 +185,7 @@ class CompressAICodec(Codec):
             raise ClbenchError(
                 f"codec {name}: pad={self.pad} must be a multiple of {cfg['min_pad']}"
             )
-        if self.batch < 1:
+        if self.batch is not None and self.batch < 1:
             raise ClbenchError(f"codec {name}: batch={self.batch} must be >= 1")
         if self.device.startswith("cuda") and not self._torch.cuda.is_available():
             raise ClbenchError(
