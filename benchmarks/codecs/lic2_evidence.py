@@ -3,7 +3,7 @@
 killed one continues), every Kodak evaluation is a `clbench codec eval` whose results.json
 is kept, and `report` rebuilds the figures from what is on disk.
 
-Parts (run them in this order; `all` runs the three, then `report`):
+Parts (run them in this order; `all` runs the four, then `report`):
 
 - ``balanced``: one architecture, ``--seeds`` x ``--lambdas``, ``--steps`` steps each:
   ``standard`` and ``balanced-rd`` (Solution 1) from scratch; then, from each standard
@@ -19,6 +19,8 @@ Parts (run them in this order; `all` runs the three, then `report`):
   ``--lambdas``, Kodak R-D of the variable-rate models at ``--bg-lambdas`` (>= 5 rates from
   one model) with JPEG and WebP, the teacher's bound curve, progressive decoding of a
   partial bitstream, and a check that every Kodak bitstream decodes exactly.
+- ``bgvae-seeds``: the guided and unguided students again at the other ``--bg-seeds``
+  (same teacher), evaluated on Kodak: the guidance gain's spread over student seeds.
 
     python benchmarks/codecs/lic2_evidence.py all --data-root /path/to/data --jobs 2
 
@@ -212,6 +214,37 @@ class Evidence:
         self.eval_yaml("bgvae", curves, anchor="BG-VAE unguided")
         self.bgvae_extras()
 
+    def bg_student(self, kind: str, seed: int) -> Path:
+        """A BG-VAE student's run folder: seed 0's are the ``bgvae`` part's own."""
+        return self.runs / (f"bgvae-{kind}" if seed == 0 else f"bgvae-{kind}-s{seed}")
+
+    def bgvae_seeds(self) -> None:
+        """The guided and unguided students again at ``--bg-seeds`` (the seed moves the
+        student's initialisation and data order; the teacher is seed 0's), to measure the
+        spread of the guidance gain. Seed 0 is the ``bgvae`` part's pair."""
+        a = self.a
+        seeds = [s for s in a.bg_seeds if s != 0]
+        if not seeds or self.done("bgvae-seeds"):
+            return
+        teacher = self.runs / "bgvae-teacher" / "best.pth"
+        if not teacher.is_file():
+            raise SystemExit(f"error: {teacher} missing: run the `bgvae` part first")
+        bg = f"bgvae:pretrained=false,width={a.bg_width}"
+        guided = {"teacher": teacher, "w_feat": a.w_feat, "w_rec": a.w_rec}
+        for kind, opts in (("plain", None), ("guided", guided)):
+            for s in seeds:
+                self.train(
+                    self.bg_student(kind, s), bg, a.bg_val_lambda, a.bg_steps, "bgvae", s, opts
+                )
+        self.flush()
+        lams = "[" + ",".join(f"{v:g}" for v in a.bg_lambdas) + "]"
+        curves = {
+            f"BG-VAE {label}-s{s}": f"bgvae:checkpoint={self.bg_student(kind, s) / 'best.pth'},lmbda={lams}"
+            for s in seeds
+            for kind, label in (("guided", "guided"), ("plain", "unguided"))
+        }
+        self.eval_yaml("bgvae-seeds", curves, anchor=f"BG-VAE unguided-s{seeds[0]}")
+
     # -- evaluation ----------------------------------------------------------------------
     def eval_yaml(self, part: str, curves: dict[str, Any], anchor: str) -> Path:
         dest = self.out / f"eval-{part}"
@@ -373,6 +406,13 @@ class Evidence:
             lines.append("")
             lines.extend(f"- n/a: {n}" for n in notes)
             lines.extend(f"- `{m}` options: {opts[m]}" for m in methods)
+            # the points themselves: where a BD figure is n/a they are the result
+            lams = " ".join(f"{v:g}" for v in self.a.lambdas)
+            lines.extend(["", f"Kodak points (bpp / PSNR dB at λ {lams}):", "",
+                          "| curve | points |", "|---|---|"])  # fmt: skip
+            for label, c in cs.items():
+                pts = ", ".join(f"{p['bpp']:.3f} / {p['psnr']:.2f}" for p in c.points)
+                lines.append(f"| {label} | {pts} |")
             lines.append("")
 
         lines += ["## Balanced R-D (Kodak BD-rate, PSNR, paired by seed)", ""]
@@ -450,9 +490,63 @@ class Evidence:
                           f"Exact decoding: {x['exact']} of {x['images']} Kodak bitstreams decode to the forward pass's quantised reconstruction."]  # fmt: skip
                 summary.append({"part": "bgvae-extras", **e})
             self.plot_bgvae(cs)
+            if (self.out / "eval-bgvae-seeds" / "results.json").is_file():
+                self.report_bgvae_seeds(cs, curves("bgvae-seeds"), lines, summary)
         (self.out / "README.md").write_text("\n".join(lines) + "\n")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        # the same figures flat, one row each (list-valued cells as JSON), for spreadsheets
+        import pandas as pd
+
+        flat = [
+            {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()}
+            for r in summary
+        ]
+        pd.DataFrame(flat).to_csv(self.out / "summary.csv", index=False)
         print("\n".join(lines))
+
+    def report_bgvae_seeds(
+        self,
+        cs0: dict[str, Any],
+        cs: dict[str, Any],
+        lines: list[str],
+        summary: list[dict[str, Any]],
+    ) -> None:
+        """Guided vs unguided per student seed (seed 0 from ``eval-bgvae``): the spread."""
+        from clbench.codecs.evaluation.bd import bd
+        from clbench.codecs.evaluation.metrics import get_metric
+
+        col = get_metric("psnr").columns[0]
+        pairs = {0: (cs0["BG-VAE unguided"], cs0["BG-VAE guided"])}
+        pairs |= {
+            s: (cs[f"BG-VAE unguided-s{s}"], cs[f"BG-VAE guided-s{s}"])
+            for s in self.a.bg_seeds
+            if s != 0 and f"BG-VAE guided-s{s}" in cs
+        }
+        lines += ["", "### Guidance over student seeds (same teacher)", "",
+                  "| seed | guided val loss | unguided val loss | BD-rate % guided vs unguided | BD-PSNR dB |",
+                  "|---:|---:|---:|---:|---:|"]  # fmt: skip
+        rates, dbs = [], []
+        for s, (u, g) in pairs.items():
+            r = bd(u, g, col)
+            rates.append(r["bd_rate_pct"])
+            dbs.append(r.get(col.bd, math.nan))
+            val = [
+                json.loads((self.bg_student(k, s) / "train_log.json").read_text())["history"][-1][
+                    "loss"
+                ]
+                for k in ("guided", "plain")
+            ]
+            lines.append(f"| {s} | {val[0]:.4f} | {val[1]:.4f} | {_num(rates[-1], '+.2f')} | "
+                         f"{_num(dbs[-1], '+.3f')} |")  # fmt: skip
+            summary.append({"part": "bgvae-seeds", "seed": s, "val_loss_guided": val[0],
+                            "val_loss_unguided": val[1], "bd_rate_pct": rates[-1],
+                            "bd_psnr_db": dbs[-1]})  # fmt: skip
+        ok = [v for v in rates if math.isfinite(v)]
+        okdb = [v for v in dbs if math.isfinite(v)]
+        if len(ok) > 1:
+            lines += ["", f"Mean over {len(ok)} seeds: BD-rate {statistics.fmean(ok):+.2f} % "
+                      f"(std {statistics.stdev(ok):.2f}), BD-PSNR {statistics.fmean(okdb):+.3f} dB "
+                      f"(std {statistics.stdev(okdb):.3f})."]  # fmt: skip
 
     def plot_bgvae(self, cs: dict[str, Any]) -> None:
         import matplotlib
@@ -483,7 +577,7 @@ class Evidence:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=["balanced", "stdet", "bgvae", "all", "report"])
+    p.add_argument("part", choices=["balanced", "stdet", "bgvae", "bgvae-seeds", "all", "report"])
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default="results/codecs/lic2")
     p.add_argument("--train", default="tiny-imagenet-200/train")
@@ -519,6 +613,9 @@ def main() -> None:
     p.add_argument(
         "--bg-lambdas", type=float, nargs="+", default=[0.0025, 0.005, 0.01, 0.02, 0.04, 0.08]
     )
+    p.add_argument(
+        "--bg-seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (bgvae-seeds)"
+    )
     p.add_argument("--w-feat", type=float, default=1.0)
     p.add_argument("--w-rec", type=float, default=0.1)
     p.add_argument("--jobs", type=int, default=1, help="trainings run at once (1 thread each)")
@@ -529,10 +626,10 @@ def main() -> None:
 
     a.data_root = str(resolve_data_root(a.data_root))
     ev = Evidence(a)
-    parts = ["balanced", "stdet", "bgvae"] if a.part == "all" else [a.part]
+    parts = ["balanced", "stdet", "bgvae", "bgvae-seeds"] if a.part == "all" else [a.part]
     for part in parts:
         if part != "report":
-            getattr(ev, part)()
+            getattr(ev, part.replace("-", "_"))()
     ev.report()
 
 
