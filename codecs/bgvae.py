@@ -45,6 +45,11 @@ top-down features after every latent, plus ``w_rec`` x the λ-weighted squared d
 between the two reconstructions. The teacher runs on its posterior means (no sampling)
 at the same λ. Affinities, not features, are matched because the two differ in width;
 the paper's exact normalisation is not public, so both weights are options.
+
+Two options against unused top latents (our addition; both off by default):
+``free_bits=B`` floors each latent's rate term at B bpp (a latent coded below the floor is
+not pushed further towards zero), ``rate_warmup=N`` ramps the rate term's weight from 0
+to 1 over the first N steps (KL annealing).
 """
 
 from __future__ import annotations
@@ -564,11 +569,24 @@ class BGVAEMethod(TrainMethod):
     """Variable-rate training of a bgvae model: λ drawn per image, log-uniform over the
     model's range; with ``teacher=PATH`` (a bound=true bgvae checkpoint) the bound guidance."""
 
-    def __init__(self, *, teacher: str | None, w_feat: float, w_rec: float):
-        for key, v in (("w_feat", w_feat), ("w_rec", w_rec)):
+    def __init__(
+        self,
+        *,
+        teacher: str | None,
+        w_feat: float,
+        w_rec: float,
+        free_bits: float = 0.0,
+        rate_warmup: int = 0,
+    ):
+        for key, v in (("w_feat", w_feat), ("w_rec", w_rec), ("free_bits", free_bits)):
             if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ClbenchError(f"codec train: bgvae: {key}={v!r} must be a number >= 0")
+        if not (isinstance(rate_warmup, int) and rate_warmup >= 0):
+            raise ClbenchError(
+                f"codec train: bgvae: rate_warmup={rate_warmup!r} must be a whole number of steps >= 0"
+            )
         self.teacher_path, self.w_feat, self.w_rec = teacher, float(w_feat), float(w_rec)
+        self.free_bits, self.rate_warmup = float(free_bits), rate_warmup
         self.teacher: Any = None
         self.last: dict[str, float] = {}
 
@@ -626,13 +644,11 @@ class BGVAEMethod(TrainMethod):
             out = m(x, lmbda=lm, features=guided)
         x_hat = out["x_hat"].float()
         pixels = x.shape[2] * x.shape[3]
-        bpp = (
-            sum(-torch.log2(v.float()).flatten(1).sum(1) for v in out["likelihoods"].values())
-            / pixels
-        )
+        bits = [-torch.log2(v.float()).flatten(1).sum(1) for v in out["likelihoods"].values()]
+        bpp = sum(bits) / pixels
         mse = ((x_hat - x) ** 2).flatten(1).mean(1)
-        rd = lm * 255**2 * mse + bpp
-        loss = rd.mean()
+        rate = self.rate_term(bits, pixels) if self.free_bits else bpp
+        loss = (lm * 255**2 * mse + self.rate_weight(run.step) * rate).mean()
         res = {"bpp_loss": bpp.mean(), "mse_loss": mse.mean(), "rd_loss": loss}
         if guided:
             with torch.no_grad(), run.autocast():
@@ -649,6 +665,18 @@ class BGVAEMethod(TrainMethod):
         res["loss"] = loss
         self.last = {k: float(v.detach()) for k, v in res.items() if k in ("feat_loss", "rec_loss")}
         return res
+
+    def rate_term(self, bits: list[torch.Tensor], pixels: int) -> torch.Tensor:
+        """The rate in the loss (bpp per image) from each latent's bits per image, each
+        floored at ``free_bits`` bpp: a latent below its floor gets no gradient to shrink
+        further, which keeps the top of the hierarchy in use (the usual free-bits remedy
+        for collapsed VAE latents). The logged bpp is the true one."""
+        return sum(b.clamp_min(self.free_bits * pixels) for b in bits) / pixels
+
+    def rate_weight(self, step: int) -> float:
+        """The rate term's weight after ``step`` steps: linear from 0 to 1 over
+        ``rate_warmup`` steps (KL annealing), then 1."""
+        return 1.0 if step >= self.rate_warmup else step / self.rate_warmup
 
     def log(self, run: TrainRun) -> dict[str, float]:
         return {f"train_{k}": v for k, v in self.last.items()}

@@ -389,6 +389,30 @@ def test_bgvae_teacher_guides_a_student_through_codec_train(pngs, tmp_path, caps
     assert "is not a bound=true model" in capsys.readouterr().err
 
 
+def test_bgvae_free_bits_floor_each_latent_and_rate_warmup_ramps_the_rate(pngs, tmp_path):
+    m = build_method("bgvae", {"free_bits": 0.5, "rate_warmup": 4})
+    assert [m.rate_weight(t) for t in (0, 2, 4, 10)] == [0.0, 0.5, 1.0, 1.0]
+    assert build_method("bgvae").rate_weight(0) == 1.0  # off by default
+    # two latents, two images, 100 pixels: the floor is 50 bits per latent per image
+    bits = [
+        torch.tensor([10.0, 200.0], requires_grad=True),
+        torch.tensor([60.0, 0.0], requires_grad=True),
+    ]
+    rate = m.rate_term(bits, 100)
+    assert rate.tolist() == pytest.approx([(50 + 60) / 100, (200 + 50) / 100])
+    rate.sum().backward()
+    # a latent under its floor is not pushed further down
+    assert bits[0].grad.tolist() == pytest.approx([0.0, 0.01])
+    assert bits[1].grad.tolist() == pytest.approx([0.01, 0.0])
+    for bad, why in (({"free_bits": -1}, "free_bits=-1 must be a number >= 0"),
+                     ({"rate_warmup": 1.5}, "rate_warmup=1.5 must be a whole number")):  # fmt: skip
+        with pytest.raises(ClbenchError, match=why):
+            build_method("bgvae", bad)
+    cfg = config(pngs, tmp_path / "fb", BG, "bgvae", {"free_bits": 0.01, "rate_warmup": 2}, steps=3)
+    rec = train(cfg, progress=False)
+    assert math.isfinite(rec["train_loss"])
+
+
 def test_method_defaults_live_in_yaml():
     m = build_method("balanced-rd")
     assert m.weights.opt.param_groups[0]["weight_decay"] == 0.001

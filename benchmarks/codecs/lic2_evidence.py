@@ -341,17 +341,17 @@ class Evidence:
             return {c["label"]: Curve(c["label"], [], points=c["points"]) for c in res["curves"]}
 
         @functools.cache
+        def log(m: str, s: int, lm: float) -> dict[str, Any]:
+            """The train log of ``m``'s run at seed ``s`` and λ ``lm`` (read once)."""
+            return json.loads((self.folder(m, s, lm) / "train_log.json").read_text())
+
         def logs(m: str) -> list[dict[str, Any]]:
-            """The train logs of ``m``'s runs, every seed and λ (read once)."""
-            return [
-                json.loads((self.folder(m, s, lm) / "train_log.json").read_text())
-                for s in self.a.seeds
-                for lm in self.a.lambdas
-            ]
+            """The train logs of ``m``'s runs, every seed and λ."""
+            return [log(m, s, lm) for s in self.a.seeds for lm in self.a.lambdas]
 
         def step_time(m: str) -> float:
             return statistics.fmean(
-                log["history"][-1]["elapsed"] / log["history"][-1]["step"] for log in logs(m)
+                r["history"][-1]["elapsed"] / r["history"][-1]["step"] for r in logs(m)
             )
 
         def method_opts(m: str) -> str:
@@ -359,9 +359,9 @@ class Evidence:
             from clbench.codecs.train_methods import method_defaults
 
             seen = set()
-            for log in logs(m):
-                o = log["config"].get("method_opts") or {}
-                if not o and method_defaults().get(log["config"]["method"]):
+            for r in logs(m):
+                o = r["config"].get("method_opts") or {}
+                if not o and method_defaults().get(r["config"]["method"]):
                     seen.add("not recorded (the YAML defaults of the commit that trained "
                              "them; see docs/lic-training.md)")  # fmt: skip
                 else:
@@ -429,12 +429,7 @@ class Evidence:
                       "|---|---|---:|---|---|---:|"]  # fmt: skip
             for s in self.a.seeds:
                 for lm in self.a.lambdas:
-                    hs = json.loads(
-                        (self.folder("standard", s, lm) / "train_log.json").read_text()
-                    )["history"]
-                    ht = json.loads(
-                        (self.folder("stdet-sma", s, lm) / "train_log.json").read_text()
-                    )["history"]
+                    hs, ht = (log(m, s, lm)["history"] for m in ("standard", "stdet-sma"))
                     target = hs[-1]["loss"]
                     hit = next((r for r in ht if r.get("loss", math.inf) <= target), None)
                     reach = f"{hit['step']} ({hit['elapsed']:.0f})" if hit else "not reached"
