@@ -55,6 +55,7 @@ to 1 over the first N steps (KL annealing).
 from __future__ import annotations
 
 import math
+import statistics
 import struct
 from functools import cache
 from types import SimpleNamespace
@@ -535,6 +536,28 @@ def segment_bytes(codec: BGVAECodec, data: bytes) -> list[int]:
     return [len(s) for s in container.unpack(data, codec.spec).strings]
 
 
+def progressive_points(
+    codec: BGVAECodec, images: list[np.ndarray], data: list[bytes]
+) -> list[dict[str, float]]:
+    """For k = 1 .. every segment of ``data`` (the bitstreams of ``images``): the bpp of
+    segment k, of the first k (the payload a partial bitstream keeps), and the mean PSNR-RGB
+    of decoding from the first k."""
+    from clbench.codecs.evaluation.metrics import psnr_rgb
+
+    seg = [segment_bytes(codec, b) for b in data]
+    pixels = sum(im.shape[0] * im.shape[1] for im in images)
+    points = []
+    for k in range(1, len(seg[0]) + 1):
+        part = decode_progressive(codec, data, k)
+        points.append({
+            "segments": k,
+            "bpp_segment": 8 * sum(s[k - 1] for s in seg) / pixels,
+            "bpp_payload": 8 * sum(sum(s[:k]) for s in seg) / pixels,
+            "psnr": statistics.fmean(psnr_rgb(i, q) for i, q in zip(images, part, strict=True)),
+        })  # fmt: skip
+    return points
+
+
 def bound_point(model: Any, images: list[np.ndarray], lmbda: float) -> dict[str, float]:
     """The teacher's (bound=true) estimate of the information R-D function at ``lmbda`` on
     ``images`` (uint8 HWC, each a multiple of 64 in size): mean KL rate in bits per pixel
@@ -692,5 +715,6 @@ __all__ = [
     "decode_progressive",
     "model_class",
     "parse_latents",
+    "progressive_points",
     "segment_bytes",
 ]

@@ -10,7 +10,6 @@ results/codecs/lic2/pilot-free-bits/).
 from __future__ import annotations
 
 import argparse
-import statistics
 
 
 def main() -> None:
@@ -27,28 +26,22 @@ def main() -> None:
 
     from clbench.codecs import get_codec
     from clbench.codecs._io import data_path, find_images
-    from clbench.codecs.bgvae import decode_progressive, segment_bytes
-    from clbench.codecs.evaluation.metrics import psnr_rgb
-    from clbench.data import load_rgb, resolve_data_root
+    from clbench.codecs.bgvae import progressive_points
+    from clbench.data import load_rgb
 
     torch.set_num_threads(a.threads)
-    files = find_images(data_path(a.kodak, str(resolve_data_root(a.data_root))), "Kodak folder")
+    files = find_images(data_path(a.kodak, a.data_root), "Kodak folder")
     images = [load_rgb(f) for f in files][: a.limit or None]
-    pixels = sum(im.shape[0] * im.shape[1] for im in images)
     for ckpt in a.checkpoints:
         codec = get_codec(f"bgvae:checkpoint={ckpt},lmbda={a.lmbda:g}")
-        data = codec.encode(images)
-        seg = [segment_bytes(codec, b) for b in data]
-        n = len(seg[0])
+        points = progressive_points(codec, images, codec.encode(images))
+        total = points[-1]["bpp_payload"]
         print(f"\n{ckpt} at lambda {a.lmbda:g}, {len(images)} Kodak images\n")
         print("| segments kept | bpp of segment k | share of rate | PSNR dB (first k) |")
         print("|---:|---:|---:|---:|")
-        total = sum(map(sum, seg))
-        for k in range(1, n + 1):
-            kb = sum(s[k - 1] for s in seg)
-            part = decode_progressive(codec, data, k)
-            psnr = statistics.fmean(psnr_rgb(i, q) for i, q in zip(images, part, strict=True))
-            print(f"| {k} | {8 * kb / pixels:.4f} | {100 * kb / total:.1f} % | {psnr:.2f} |")
+        for p in points:
+            print(f"| {p['segments']} | {p['bpp_segment']:.4f} | "
+                  f"{100 * p['bpp_segment'] / total:.1f} % | {p['psnr']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

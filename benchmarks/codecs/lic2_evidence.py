@@ -82,6 +82,20 @@ def _num(v: float, spec: str) -> str:
     return format(v, spec) if math.isfinite(v) else "n/a"
 
 
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    """Mean and sample std of the finite values (NaN: no overlap, or not monotone)."""
+    ok = [v for v in vals if math.isfinite(v)]
+    return (
+        statistics.fmean(ok) if ok else math.nan,
+        statistics.stdev(ok) if len(ok) > 1 else math.nan,
+    )
+
+
+def _last(run: Path) -> dict[str, Any]:
+    """The last validation record of a training run."""
+    return json.loads((run / "train_log.json").read_text())["history"][-1]
+
+
 def complete(run: Path) -> bool:
     """A finished run (its last checkpoint says so)."""
     log = run / "train_log.json"
@@ -177,15 +191,34 @@ class Evidence:
         self.train_beside_standard("stdet-sma")
         self.evaluate("stdet", ["standard", "stdet-sma"])
 
+    @property
+    def bg_spec(self) -> str:
+        """The variable-rate student's architecture (every seed, guided or not)."""
+        return f"bgvae:pretrained=false,width={self.a.bg_width}"
+
+    def guided_opts(self) -> dict[str, Any]:
+        """The ``--method-opt`` of a bound-guided student."""
+        teacher = self.runs / "bgvae-teacher" / "best.pth"
+        return {"teacher": teacher, "w_feat": self.a.w_feat, "w_rec": self.a.w_rec}
+
+    def bg_student(self, kind: str, seed: int) -> Path:
+        """A BG-VAE student's run folder: seed 0's are the ``bgvae`` part's own."""
+        return self.runs / (f"bgvae-{kind}" if seed == 0 else f"bgvae-{kind}-s{seed}")
+
+    def vr_curve(self, run: Path) -> str:
+        """A variable-rate model's Kodak curve: its checkpoint at every ``--bg-lambdas``."""
+        lams = ",".join(f"{v:g}" for v in self.a.bg_lambdas)
+        return f"bgvae:checkpoint={run / 'best.pth'},lmbda=[{lams}]"
+
     def bgvae(self) -> None:
         a = self.a
         if self.done("bgvae") and (self.out / "eval-bgvae" / "extras.json").is_file():
             return
-        bg = f"bgvae:pretrained=false,width={a.bg_width}"
+        bg = self.bg_spec
         teacher = self.runs / "bgvae-teacher"
         self.train(teacher, f"bgvae:pretrained=false,bound=true,width={a.teacher_width}",
                    a.bg_val_lambda, a.bg_steps, "bgvae", 0)  # fmt: skip
-        self.train(self.runs / "bgvae-plain", bg, a.bg_val_lambda, a.bg_steps, "bgvae", 0)
+        self.train(self.bg_student("plain", 0), bg, a.bg_val_lambda, a.bg_steps, "bgvae", 0)
         fixed = [(self.runs / f"bgvae-fixed-{lm:g}", lm) for lm in a.lambdas]
 
         def queue_fixed(some: list[tuple[Path, float]]) -> None:
@@ -196,14 +229,13 @@ class Evidence:
         # second worker beside the teacher and the rest run beside the guided student
         queue_fixed(fixed[:1])
         self.flush()
-        guided = {"teacher": teacher / "best.pth", "w_feat": a.w_feat, "w_rec": a.w_rec}
-        self.train(self.runs / "bgvae-guided", bg, a.bg_val_lambda, a.bg_steps, "bgvae", 0, guided)
+        self.train(self.bg_student("guided", 0), bg, a.bg_val_lambda, a.bg_steps, "bgvae", 0,
+                   self.guided_opts())  # fmt: skip
         queue_fixed(fixed[1:])
         self.flush()
-        lams = "[" + ",".join(f"{v:g}" for v in a.bg_lambdas) + "]"
         curves = {
-            "BG-VAE guided": f"bgvae:checkpoint={self.runs / 'bgvae-guided' / 'best.pth'},lmbda={lams}",
-            "BG-VAE unguided": f"bgvae:checkpoint={self.runs / 'bgvae-plain' / 'best.pth'},lmbda={lams}",
+            "BG-VAE guided": self.vr_curve(self.bg_student("guided", 0)),
+            "BG-VAE unguided": self.vr_curve(self.bg_student("plain", 0)),
             "fixed-rate": [
                 f"bgvae:checkpoint={self.runs / f'bgvae-fixed-{lm:g}' / 'best.pth'}"
                 for lm in a.lambdas
@@ -214,10 +246,6 @@ class Evidence:
         self.eval_yaml("bgvae", curves, anchor="BG-VAE unguided")
         self.bgvae_extras()
 
-    def bg_student(self, kind: str, seed: int) -> Path:
-        """A BG-VAE student's run folder: seed 0's are the ``bgvae`` part's own."""
-        return self.runs / (f"bgvae-{kind}" if seed == 0 else f"bgvae-{kind}-s{seed}")
-
     def bgvae_seeds(self) -> None:
         """The guided and unguided students again at ``--bg-seeds`` (the seed moves the
         student's initialisation and data order; the teacher is seed 0's), to measure the
@@ -226,20 +254,16 @@ class Evidence:
         seeds = [s for s in a.bg_seeds if s != 0]
         if not seeds or self.done("bgvae-seeds"):
             return
-        teacher = self.runs / "bgvae-teacher" / "best.pth"
-        if not teacher.is_file():
-            raise SystemExit(f"error: {teacher} missing: run the `bgvae` part first")
-        bg = f"bgvae:pretrained=false,width={a.bg_width}"
-        guided = {"teacher": teacher, "w_feat": a.w_feat, "w_rec": a.w_rec}
+        guided = self.guided_opts()
+        if not guided["teacher"].is_file():
+            raise SystemExit(f"error: {guided['teacher']} missing: run the `bgvae` part first")
         for kind, opts in (("plain", None), ("guided", guided)):
             for s in seeds:
-                self.train(
-                    self.bg_student(kind, s), bg, a.bg_val_lambda, a.bg_steps, "bgvae", s, opts
-                )
+                self.train(self.bg_student(kind, s), self.bg_spec, a.bg_val_lambda, a.bg_steps,
+                           "bgvae", s, opts)  # fmt: skip
         self.flush()
-        lams = "[" + ",".join(f"{v:g}" for v in a.bg_lambdas) + "]"
         curves = {
-            f"BG-VAE {label}-s{s}": f"bgvae:checkpoint={self.bg_student(kind, s) / 'best.pth'},lmbda={lams}"
+            f"BG-VAE {label}-s{s}": self.vr_curve(self.bg_student(kind, s))
             for s in seeds
             for kind, label in (("guided", "guided"), ("plain", "unguided"))
         }
@@ -280,8 +304,7 @@ class Evidence:
 
         from clbench.codecs import get_codec
         from clbench.codecs._io import data_path, find_images
-        from clbench.codecs.bgvae import bound_point, decode_progressive, segment_bytes
-        from clbench.codecs.evaluation.metrics import psnr_rgb
+        from clbench.codecs.bgvae import bound_point, progressive_points
         from clbench.data import load_rgb
 
         torch.set_num_threads(self.eval_threads)
@@ -302,13 +325,10 @@ class Evidence:
             with torch.inference_mode():
                 ref = student.model(x)["x_hat"].clamp(0, 1)
             exact += int(np.array_equal(d, (ref[0] * 255).round().byte().permute(1, 2, 0).numpy()))
-        progressive = []
-        pixels = sum(im.shape[0] * im.shape[1] for im in images)
-        for k in range(1, student.model.num_latents + 1):
-            part = decode_progressive(student, data, k)
-            kept = sum(sum(segment_bytes(student, b)[:k]) for b in data)
-            psnr = statistics.fmean(psnr_rgb(i, p) for i, p in zip(images, part, strict=True))
-            progressive.append({"segments": k, "bpp_payload": 8 * kept / pixels, "psnr": psnr})
+        progressive = [
+            {k: p[k] for k in ("segments", "bpp_payload", "psnr")}
+            for p in progressive_points(student, images, data)
+        ]
         out = {
             "teacher_bound": bound,
             "progressive": {"lmbda": mid, "points": progressive},
@@ -375,20 +395,13 @@ class Evidence:
             lines.extend(["| method | vs | BD-rate % per seed | mean | std | BD-PSNR dB per seed | mean | std | s/step | x ref |",
                           "|---|---|---|---:|---:|---|---:|---:|---:|---:|"])  # fmt: skip
 
-            def mean_std(vals: list[float]) -> tuple[float, float]:
-                ok = [v for v in vals if math.isfinite(v)]  # NaN: no overlap, or not monotone
-                return (
-                    statistics.fmean(ok) if ok else math.nan,
-                    statistics.stdev(ok) if len(ok) > 1 else math.nan,
-                )
-
             notes: list[str] = []
             for m in methods:
                 ref = REF.get(m, "standard")
                 res = [bd(cs[f"{ref}-s{s}"], cs[f"{m}-s{s}"], col) for s in self.a.seeds]
                 vals = [r["bd_rate_pct"] for r in res]
                 dbs = [r.get(col.bd, math.nan) for r in res]
-                (mean, std), (mdb, sdb) = mean_std(vals), mean_std(dbs)
+                (mean, std), (mdb, sdb) = _mean_std(vals), _mean_std(dbs)
                 t, tr = step_time(m), step_time(ref)
                 opts[m] = method_opts(m)
                 lines.append(
@@ -455,9 +468,7 @@ class Evidence:
                       "| run | steps | s | final val loss | val bpp | val PSNR dB |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
             bg_runs = ["teacher", "plain", "guided", *(f"fixed-{v:g}" for v in a.lambdas)]
             for r in bg_runs:
-                h = json.loads((self.runs / f"bgvae-{r}" / "train_log.json").read_text())[
-                    "history"
-                ][-1]
+                h = _last(self.runs / f"bgvae-{r}")
                 lines.append(f"| bgvae-{r} | {h['step']} | {h['elapsed']:.0f} | {h['loss']:.4f} | "
                              f"{h['bpp']:.3f} | {h['psnr']:.2f} |")  # fmt: skip
             lines += [
@@ -525,23 +536,17 @@ class Evidence:
             r = bd(u, g, col)
             rates.append(r["bd_rate_pct"])
             dbs.append(r.get(col.bd, math.nan))
-            val = [
-                json.loads((self.bg_student(k, s) / "train_log.json").read_text())["history"][-1][
-                    "loss"
-                ]
-                for k in ("guided", "plain")
-            ]
+            val = [_last(self.bg_student(k, s))["loss"] for k in ("guided", "plain")]
             lines.append(f"| {s} | {val[0]:.4f} | {val[1]:.4f} | {_num(rates[-1], '+.2f')} | "
                          f"{_num(dbs[-1], '+.3f')} |")  # fmt: skip
             summary.append({"part": "bgvae-seeds", "seed": s, "val_loss_guided": val[0],
                             "val_loss_unguided": val[1], "bd_rate_pct": rates[-1],
                             "bd_psnr_db": dbs[-1]})  # fmt: skip
-        ok = [v for v in rates if math.isfinite(v)]
-        okdb = [v for v in dbs if math.isfinite(v)]
-        if len(ok) > 1:
-            lines += ["", f"Mean over {len(ok)} seeds: BD-rate {statistics.fmean(ok):+.2f} % "
-                      f"(std {statistics.stdev(ok):.2f}), BD-PSNR {statistics.fmean(okdb):+.3f} dB "
-                      f"(std {statistics.stdev(okdb):.3f})."]  # fmt: skip
+        (mean, std), (mdb, sdb) = _mean_std(rates), _mean_std(dbs)
+        n = sum(map(math.isfinite, rates))
+        if n > 1:
+            lines += ["", f"Mean over {n} seeds: BD-rate {mean:+.2f} % (std {std:.2f}), "
+                      f"BD-PSNR {mdb:+.3f} dB (std {_num(sdb, '.3f')})."]  # fmt: skip
 
     def plot_bgvae(self, cs: dict[str, Any]) -> None:
         import matplotlib
