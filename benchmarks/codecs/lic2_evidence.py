@@ -348,10 +348,19 @@ class Evidence:
                   "from the runs and evaluations in this folder; the commands are in each",
                   "`runs/*.log`, `eval-*.log` and `eval-*/results.json`.", ""]  # fmt: skip
         a = self.a
+        # the settings the runs record, not this call's flags (every part ends in a report,
+        # and a part run with other --steps would otherwise misstate the others' settings)
+        c = {"steps": a.steps, "batch_size": a.batch_size, "patch": a.patch, "lr": a.lr,
+             "threads": a.threads}  # fmt: skip
+        ft = {"steps": a.ft_steps, "lr": a.ft_lr}
+        for d, m in ((c, "standard"), (ft, "standard-ft")):
+            rec = self.folder(m, a.seeds[0], a.lambdas[0]) / "train_log.json"
+            if rec.is_file():
+                d.update({k: json.loads(rec.read_text())["config"][k] for k in d})
         lines += [f"Settings: `{a.arch}`, seeds {' '.join(map(str, a.seeds))}, λ "
-                  f"{' '.join(f'{v:g}' for v in a.lambdas)}, {a.steps} steps from scratch and "
-                  f"{a.ft_steps} fine-tuning steps (lr {a.ft_lr:g}), batch {a.batch_size} of "
-                  f"{a.patch}² crops, lr {a.lr:g} cosine, {a.threads} thread per training (how many "
+                  f"{' '.join(f'{v:g}' for v in a.lambdas)}, {c['steps']} steps from scratch and "
+                  f"{ft['steps']} fine-tuning steps (lr {ft['lr']:g}), batch {c['batch_size']} of "
+                  f"{c['patch']}² crops, lr {c['lr']:g} cosine, {c['threads']} thread per training (how many "
                   "ran at once, and beside what, is in docs/lic-training.md: it moves the "
                   f"s/step columns); CPU: {_cpus(self.runs)}.", ""]  # fmt: skip
         summary: list[dict[str, Any]] = []
