@@ -405,7 +405,9 @@ def test_bgvae_free_bits_floor_each_latent_and_rate_warmup_ramps_the_rate(pngs, 
     assert bits[0].grad.tolist() == pytest.approx([0.0, 0.01])
     assert bits[1].grad.tolist() == pytest.approx([0.01, 0.0])
     for bad, why in (({"free_bits": -1}, "free_bits=-1 must be a number >= 0"),
-                     ({"rate_warmup": 1.5}, "rate_warmup=1.5 must be a whole number")):  # fmt: skip
+                     ({"rate_warmup": 1.5}, "rate_warmup=1.5 must be a whole number"),
+                     ({"rate_warmup": True}, "rate_warmup=True must be a whole number"),
+                     ({"free_bits": True}, "free_bits=True must be a number")):  # fmt: skip
         with pytest.raises(ClbenchError, match=why):
             build_method("bgvae", bad)
     cfg = config(pngs, tmp_path / "fb", BG, "bgvae", {"free_bits": 0.01, "rate_warmup": 2}, steps=3)

@@ -166,3 +166,28 @@ def test_final_trains_then_evaluates_each_model_and_reports_its_bd_rates(tmp_pat
     assert "| 100 | CPU-A |" in readme
     assert "against JPEG: WebP -25.0 %." in readme
     assert (tmp_path / "res" / "final_pareto.png").stat().st_size > 1000
+
+
+def test_finals_with_unequal_steps_are_also_compared_at_a_common_step(tmp_path):
+    _, study = _study(tmp_path)
+    study.a.dry_run = False
+    lams = study.a.final_lambdas
+    for name, n in (("resnet-hyperprior", 5), ("resnet-channel", 2)):
+        for lm in lams:  # the first model's minutes bought 500 steps, the second's 200
+            _log(
+                tmp_path / "runs" / "final" / name / f"lambda-{lm:g}",
+                True,
+                [4.0 - i for i in range(n)],
+            )
+        f = tmp_path / "res" / "final" / name / "results.json"
+        f.parent.mkdir(parents=True)
+        pts = [{"bpp": 0.2 * (i + 1), "psnr": 27.0 + i, "dec_kmacs_px": 5.0} for i in range(4)]
+        f.write_text(json.dumps({"curves": [{"label": name, "points": pts}], "bd_rate": []}))
+    assert [r["steps"] for r in study.final_rows()] == [[200, 200], [500, 500]]
+    study.report()
+    readme = (tmp_path / "res" / "README.md").read_text()
+    assert "### Validation at equal steps" in readme
+    # each λ: both models at step 200, the last one both logged
+    assert f"| {lams[0]:g} | 200 | resnet-channel | 3.0000 | 21.00 | n/a | n/a |" in readme
+    assert f"| {lams[-1]:g} | 200 | resnet-hyperprior | 3.0000 | 21.00 | n/a | n/a |" in readme
+    assert "| 300 |" not in readme
