@@ -601,13 +601,11 @@ class BGVAEMethod(TrainMethod):
         free_bits: float = 0.0,
         rate_warmup: int = 0,
     ):
-        # bool is an int in Python: `rate_warmup: true` in YAML must not pass as 1 step.
+        # (true/false for these is refused by build_method, for every method's numbers)
         for key, v in (("w_feat", w_feat), ("w_rec", w_rec), ("free_bits", free_bits)):
-            if isinstance(v, bool) or not (
-                isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)
-            ):
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ClbenchError(f"codec train: bgvae: {key}={v!r} must be a number >= 0")
-        if isinstance(rate_warmup, bool) or not (isinstance(rate_warmup, int) and rate_warmup >= 0):
+        if not (isinstance(rate_warmup, int) and rate_warmup >= 0):
             raise ClbenchError(
                 f"codec train: bgvae: rate_warmup={rate_warmup!r} must be a whole number of steps >= 0"
             )

@@ -114,8 +114,18 @@ class Standard(TrainMethod):
 
 def build_method(name: str, options: dict[str, Any] | None = None) -> TrainMethod:
     """The method ``name`` with its YAML defaults overridden by ``options``; unknown
-    methods or options are one-line errors listing the valid ones."""
-    opts = {**method_defaults().get(name, {}), **(options or {})}
+    methods or options are one-line errors listing the valid ones, and so is true/false
+    given for an option whose default is a number (a bool is an int in Python, so a
+    method's own ``isinstance(v, int)`` check would take ``true`` as 1)."""
+    defaults = method_defaults().get(name, {})
+    for key, v in (options or {}).items():
+        d = defaults.get(key)
+        if isinstance(v, bool) and isinstance(d, (int, float)) and not isinstance(d, bool):
+            kind = "a whole number" if isinstance(d, int) else "a number"
+            raise ClbenchError(
+                f"codec train: {name}: {key}={v!r} must be {kind}, not true/false (default {d!r})"
+            )
+    opts = {**defaults, **(options or {})}
     method = TRAIN_METHODS.build(name, opts, prefix="codec train: ")
     if not isinstance(method, TrainMethod):
         raise ClbenchError(

@@ -381,6 +381,7 @@ class Study:
             docs = [self._log_doc(d) for d in self.final_run_dirs(name)]
             steps = [doc["history"][-1]["step"] for doc in docs if doc.get("history")]
             row["steps"] = [min(steps), max(steps)] if steps else None
+            row["histories"] = [doc.get("history", []) for doc in docs]  # one per λ
             cpus = {train_log_cpu(doc) for doc in docs}
             cpus.discard(None)
             row["cpu"] = (
@@ -514,9 +515,10 @@ class Study:
         print(f"\n# report: {a.results / 'README.md'}")
 
     def _equal_steps(self, finals: list[dict[str, Any]]) -> list[str]:
-        """When the final models' minute budgets bought different steps (another CPU), the
-        one comparison the logs still allow: validation at the last step every model logged,
-        per λ. Not a fair race either (each cosine decays over its own plan: see the lr)."""
+        """When the final models' minute budgets bought different steps (a costlier model,
+        or another CPU), the one comparison the logs still allow: validation at the last
+        step every model logged, per λ. Not a fair race either (each cosine decays over its
+        own plan: see the lr)."""
         steps = [r["steps"] for r in finals if r["steps"]]
         if len(steps) < 2 or max(s[1] for s in steps) <= 1.1 * min(s[0] for s in steps):
             return []
@@ -532,18 +534,16 @@ class Study:
             "| λ | step | model | val loss | PSNR dB | bpp | lr |",
             "|---|---:|---|---:|---:|---:|---:|",
         ]
-        names = [r["label"] for r in finals]
         for i, lm in enumerate(self.a.final_lambdas):
             logs = {
-                n: {r["step"]: r for r in self._log(self.final_run_dirs(n)[i]) if "loss" in r}
-                for n in names
+                f["label"]: {r["step"]: r for r in f["histories"][i] if "loss" in r} for f in finals
             }
             common = set.intersection(*(set(v) for v in logs.values()))
             if not common:
                 continue
             at = max(common)
-            for n in names:
-                r = logs[n][at]
+            for n, by_step in logs.items():
+                r = by_step[at]
                 lines.append(
                     f"| {lm:g} | {at} | {n} | {r['loss']:.4f} | {_f(r.get('psnr'), 2)} | "
                     f"{_f(r.get('bpp'), 4)} | {_f(r.get('lr'), 6)} |"
